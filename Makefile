@@ -1,0 +1,70 @@
+# connectable: build, test and run. See README.md.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+GO      ?= go
+BIN     := bin/connectable
+LDFLAGS := -s -w -X main.version=$(VERSION)
+# Arguments for `make run`, e.g. make run ARGS='--log-level debug'.
+ARGS    ?=
+
+.PHONY: build test lint run image local-image consul bench chaos clean
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) .
+
+# Every test. Tests that need root, namespaces, iptables, Docker or dnsmasq
+# skip with a reason unless CONNECTABLE_TEST_STRICT=1 (as .ci/run sets).
+# Packages run one at a time (-p 1): several of them act on the one Docker
+# Engine and on iptables binaries, and the machine has two cores.
+test: build
+	$(GO) vet ./...
+	$(GO) test -race -p 1 -count=1 -timeout 30m ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi
+	$(GO) vet ./...
+	cd tools && $(GO) build -o ../bin/staticcheck honnef.co/go/tools/cmd/staticcheck
+	./bin/staticcheck ./...
+
+# Runs the daemon on this host against the local Docker Engine (needs root).
+run: build
+	./$(BIN) $(ARGS)
+
+# The image, from the Dockerfile (needs a registry for its base images).
+image:
+	docker build --build-arg VERSION=$(VERSION) -t connectable:$(VERSION) -t connectable:latest .
+
+# The same image without a registry: the static binary plus this host's iptables.
+local-image: build
+	scripts/local-image.sh connectable:local $(BIN)
+
+# A real Consul agent for the end-to-end tests, built from the Go module proxy
+# at a pinned version and kept outside the repository between runs.
+CONSUL_BIN ?= /var/cache/connectable/consul-1.22.7
+consul: $(CONSUL_BIN)
+$(CONSUL_BIN):
+	mkdir -p $(dir $(CONSUL_BIN))
+	cd tools/consul && $(GO) build -o $(CONSUL_BIN) github.com/hashicorp/consul
+
+# Fault injection against the real daemon and engine (1000 container
+# start/stop cycles), then bounded fuzzing of labels, flags and DNS replies.
+# Fuzz budgets are execution counts, not durations: with a duration, Go 1.26's
+# fuzz coordinator can report "context deadline exceeded" as a failure when a
+# loaded machine's worker is mid-call at the deadline (go.dev/issue/75804,
+# fixed in Go 1.27). A count has no deadline to race; each budget is about 15 s
+# on an idle 2-core machine.
+FUZZ = $(GO) test -run '^$$' -fuzzminimizetime 200x -fuzz
+chaos: build
+	$(GO) test -race -count=1 -timeout 30m -run Chaos ./e2e/ -args -chaos.cycles=1000
+	$(FUZZ) '^FuzzParseConfig$$' -fuzztime 250000x .
+	$(FUZZ) '^FuzzParseRoutes$$' -fuzztime 350000x ./docker/
+	$(FUZZ) '^FuzzSRVReply$$' -fuzztime 100000x ./resolver/
+
+# Benchmark against direct, HAProxy and nginx (needs root and Docker; see
+# bench/README.md). make bench ARGS=--quick runs in under 2 minutes;
+# ARGS=--install apt-gets the load tools and proxies first.
+bench: build
+	CGO_ENABLED=0 $(GO) build -o bin/bench ./bench
+	./bin/bench --connectable $(BIN) $(ARGS)
+
+clean:
+	rm -rf bin

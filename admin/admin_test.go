@@ -1,0 +1,144 @@
+package admin
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/connectable/connectable/docker"
+	"github.com/connectable/connectable/proxy"
+	"github.com/connectable/connectable/resolver"
+)
+
+// The sources are snapshots; these fakes return fixed ones. The real
+// daemon behind this endpoint is tested end to end in e2e/admin_test.go.
+type fakeProxy struct{}
+
+func (fakeProxy) Stats() proxy.Stats {
+	return proxy.Stats{
+		Services:     map[string]proxy.ServiceStats{"web": {Accepted: 7, Active: 1, Failed: 2, BytesUp: 10, BytesDown: 20}},
+		DialFailures: map[netip.AddrPort]uint64{netip.MustParseAddrPort("10.0.0.9:80"): 3},
+		Failovers:    1,
+	}
+}
+
+func (fakeProxy) Namespaces() []proxy.NamespaceStatus {
+	return []proxy.NamespaceStatus{{
+		Key: "abc123abc123ffff", NetNS: "/proc/42/ns/net", Port: 40000, Active: 1,
+		Routes: []proxy.RouteStatus{{Port: 6000, Service: "web", Endpoints: []proxy.EndpointStatus{
+			{Addr: netip.MustParseAddrPort("10.0.0.8:80"), Healthy: true},
+			{Addr: netip.MustParseAddrPort("10.0.0.9:80"), Failures: 3},
+		}}},
+	}}
+}
+
+type fakeResolver struct{}
+
+func (fakeResolver) Stats() resolver.Stats {
+	return resolver.Stats{CacheHits: 5, CacheMisses: 2, Queries: 2}
+}
+
+type fakeWatcher struct{ healthy bool }
+
+func (w fakeWatcher) Healthy() bool     { return w.healthy }
+func (fakeWatcher) Stats() docker.Stats { return docker.Stats{Reconnects: 1, Resyncs: 4} }
+func (fakeWatcher) Namespaces() []docker.Namespace {
+	return []docker.Namespace{
+		{Key: "abc123abc123ffff", Path: "/proc/42/ns/net", Containers: []docker.Container{{ID: "abc123abc123", Name: "app"}},
+			Routes: map[uint16]string{6000: "web"}},
+		{Key: "def456def456ffff", Path: "/proc/43/ns/net", Containers: []docker.Container{{ID: "def456def456", Name: "broken"}},
+			Routes: map[uint16]string{7000: "db"}, Err: "listening in namespace: no such file"},
+	}
+}
+
+func newAdmin(healthy bool) *Admin {
+	a := New("v1", nil)
+	a.Proxy, a.Resolver, a.Watcher = fakeProxy{}, fakeResolver{}, fakeWatcher{healthy}
+	return a
+}
+
+func get(t *testing.T, a *Admin, method, path string) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	a.Handler().ServeHTTP(rec, httptest.NewRequest(method, path, nil))
+	body, _ := io.ReadAll(rec.Result().Body)
+	return rec.Code, string(body)
+}
+
+func TestStatusJoinsWatcherAndProxy(t *testing.T) {
+	code, body := get(t, newAdmin(true), http.MethodGet, "/status")
+	if code != http.StatusOK {
+		t.Fatalf("/status: %d %s", code, body)
+	}
+	var st Status
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		t.Fatal(err)
+	}
+	if !st.Healthy || st.Version != "v1" || len(st.Namespaces) != 2 {
+		t.Fatalf("status = %+v", st)
+	}
+	served, broken := st.Namespaces[0], st.Namespaces[1]
+	if served.ProxyPort != 40000 || len(served.Containers) != 1 || served.Containers[0].Name != "app" ||
+		len(served.Routes) != 1 || len(served.Routes[0].Endpoints) != 2 || served.Routes[0].Endpoints[1].Healthy {
+		t.Errorf("served namespace = %+v", served)
+	}
+	if broken.Error == "" || broken.ProxyPort != 0 || len(broken.Routes) != 1 || broken.Routes[0].Service != "db" {
+		t.Errorf("namespace whose set-up failed = %+v; want its error and wanted routes", broken)
+	}
+}
+
+func TestWriteTable(t *testing.T) {
+	var b bytes.Buffer
+	if err := WriteTable(&b, newAdmin(false).Status()); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"UNHEALTHY", "app (abc123abc123)", "6000", "web", "40000 v4",
+		"10.0.0.9:80 (backing off, 3 failures)", "broken (def456def456)", "ERROR: listening in namespace"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	if code, _ := get(t, newAdmin(true), http.MethodGet, "/healthz"); code != http.StatusOK {
+		t.Errorf("healthy: %d", code)
+	}
+	if code, _ := get(t, newAdmin(false), http.MethodGet, "/healthz"); code != http.StatusServiceUnavailable {
+		t.Errorf("unhealthy: %d", code)
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	_, page := get(t, newAdmin(true), http.MethodGet, "/metrics")
+	for _, want := range []string{
+		`connectable_connections_accepted_total{service="web"} 7`,
+		`connectable_connections_failed_total{service="web"} 2`,
+		`connectable_bytes_total{direction="down",service="web"} 20`,
+		`connectable_dial_failures_total{endpoint="10.0.0.9:80"} 3`,
+		`connectable_ports 1`,
+		`connectable_dns_lookups_total{result="hit"} 5`,
+		`connectable_docker_reconnects_total 1`,
+		`connectable_build_info{version="v1"} 1`,
+	} {
+		if !strings.Contains(page, want+"\n") {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
+
+func TestReadOnly(t *testing.T) {
+	for _, path := range []string{"/status", "/healthz", "/metrics"} {
+		for _, method := range []string{http.MethodPost, http.MethodPut, http.MethodDelete} {
+			if code, _ := get(t, newAdmin(true), method, path); code != http.StatusMethodNotAllowed {
+				t.Errorf("%s %s: %d; want 405", method, path, code)
+			}
+		}
+	}
+}

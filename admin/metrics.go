@@ -1,0 +1,100 @@
+package admin
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// collector turns snapshots of the proxy's, resolver's and watcher's
+// counters into metrics at scrape time. Labels are services and endpoints,
+// never connections or containers, so cardinality stays bounded by what the
+// labels of running containers name.
+type collector struct{ a *Admin }
+
+func desc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc("connectable_"+name, help, labels, nil)
+}
+
+var (
+	buildInfo      = desc("build_info", "Version of the running connectable; always 1.", "version")
+	accepted       = desc("connections_accepted_total", "Client connections routed to a service.", "service")
+	active         = desc("connections_active", "Client connections being dialled or relayed now.", "service")
+	failed         = desc("connections_failed_total", "Client connections closed because no endpoint of the service connected.", "service")
+	rejected       = desc("connections_rejected_total", "Connections closed without a dial: straight to the proxy port, or to a port without a route.")
+	bytesTotal     = desc("bytes_total", "Bytes relayed by finished connections; direction up is client to backend.", "service", "direction")
+	dialFailures   = desc("dial_failures_total", "Failed connection attempts per endpoint (endpoints forgotten after a quiet while drop out).", "endpoint")
+	failovers      = desc("failovers_total", "Connections relayed to an endpoint after another one failed to connect.")
+	namespaces     = desc("namespaces", "Network namespaces with a listener and rules.")
+	ports          = desc("ports", "Labelled ports served, over all namespaces.")
+	dnsLookups     = desc("dns_lookups_total", "Resolver lookups by how they were answered: hit (from the cache, stale answers included), miss (queried), shared (waited for another lookup's query).", "result")
+	dnsStale       = desc("dns_stale_answers_total", "Lookups answered with an expired answer because every DNS server failed.")
+	dnsQueries     = desc("dns_queries_total", "DNS exchanges with a server (one per server tried; UDP and TCP apart).")
+	dnsErrors      = desc("dns_query_errors_total", "DNS exchanges that failed: timeout, network error, SERVFAIL, REFUSED, malformed reply.")
+	dnsTruncated   = desc("dns_truncated_total", "UDP replies truncated and retried over TCP.")
+	dnsSeconds     = desc("dns_query_seconds_total", "Total time spent in DNS exchanges; divide by dns_queries_total for the mean latency.")
+	dockerUp       = desc("docker_stream_up", "1 while the Docker event stream is up and the last resync succeeded.")
+	dockerReconn   = desc("docker_reconnects_total", "Docker event-stream subscriptions after the first.")
+	dockerResyncs  = desc("docker_resyncs_total", "Full resynchronisations with the Docker Engine.")
+	dockerResyncKO = desc("docker_resync_errors_total", "Full resynchronisations that failed.")
+)
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{buildInfo, accepted, active, failed, rejected, bytesTotal, dialFailures,
+		failovers, namespaces, ports, dnsLookups, dnsStale, dnsQueries, dnsErrors, dnsTruncated, dnsSeconds,
+		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	gauge(buildInfo, 1, c.a.version)
+	if p := c.a.Proxy; p != nil {
+		st := p.Stats()
+		for svc, s := range st.Services {
+			counter(accepted, float64(s.Accepted), svc)
+			gauge(active, float64(s.Active), svc)
+			counter(failed, float64(s.Failed), svc)
+			counter(bytesTotal, float64(s.BytesUp), svc, "up")
+			counter(bytesTotal, float64(s.BytesDown), svc, "down")
+		}
+		for ep, n := range st.DialFailures {
+			counter(dialFailures, float64(n), ep.String())
+		}
+		counter(failovers, float64(st.Failovers))
+		counter(rejected, float64(st.Rejected))
+		nss := p.Namespaces()
+		gauge(namespaces, float64(len(nss)))
+		n := 0
+		for _, ns := range nss {
+			n += len(ns.Routes)
+		}
+		gauge(ports, float64(n))
+	}
+	if r := c.a.Resolver; r != nil {
+		st := r.Stats()
+		counter(dnsLookups, float64(st.CacheHits), "hit")
+		counter(dnsLookups, float64(st.CacheMisses), "miss")
+		counter(dnsLookups, float64(st.Shared), "shared")
+		counter(dnsStale, float64(st.StaleServed))
+		counter(dnsQueries, float64(st.Queries))
+		counter(dnsErrors, float64(st.QueryErrors))
+		counter(dnsTruncated, float64(st.Truncated))
+		counter(dnsSeconds, st.QueryTime.Seconds())
+	}
+	if w := c.a.Watcher; w != nil {
+		up := 0.0
+		if w.Healthy() {
+			up = 1
+		}
+		gauge(dockerUp, up)
+		st := w.Stats()
+		counter(dockerReconn, float64(st.Reconnects))
+		counter(dockerResyncs, float64(st.Resyncs))
+		counter(dockerResyncKO, float64(st.ResyncErrors))
+	}
+}

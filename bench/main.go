@@ -1,0 +1,258 @@
+// Command bench measures connectable against the proxies people would
+// otherwise put in front of a service, side by side in one run on one
+// machine, and writes a Markdown report (issue 7).
+//
+// It builds a small world of its own and never touches the machine's own
+// network namespace: a bench-host namespace where connectable and dnsmasq
+// run, a backend namespace holding nginx (1 KiB responses), iperf3 and two
+// small in-process servers, and a labelled busybox container started with
+// --network none as the client. Two veth pairs join the backend namespace to
+// the other two, so every contender reaches the backend over one veth hop:
+//
+//	client container ─────── veth ───┐
+//	  ab, wrk, iperf3 (nsenter)       │
+//	  HAProxy, nginx stream           ├─ backend namespace: nginx :80,
+//	  connectable's listener          │  iperf3 :5201, holder :9000,
+//	bench-host namespace ──── veth ───┘  first-hit recorder :8081
+//	  connectable (dials from here), dnsmasq (SRV records)
+//
+// The contenders are measured in rounds, interleaved and rotated (A B C D,
+// then B C D A, ...), and reported as medians with min–max and ratios to
+// the direct path.
+//
+// Typical usage (as root, from the repository root):
+//
+//	make bench                 # the full run, under 10 minutes
+//	make bench ARGS=--quick    # under 2 minutes
+//	make bench ARGS=--install  # apt-get install the tools first
+//	go run ./bench --workloads ab,mem --connectable /tmp/connectable-pprof
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"runtime"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// config is what the flags chose.
+type config struct {
+	quick       bool
+	install     bool
+	connectable string
+	outDir      string
+	rounds      int
+	abDur       time.Duration
+	wrkDur      time.Duration
+	iperfDur    time.Duration
+	conns       int // idle connections held through each proxy
+	seq         int // containers started one by one
+	burst       int // containers started at once
+	workloads   map[string]bool
+	contenders  map[string]bool
+	lockWait    time.Duration
+	pause       bool
+}
+
+var allWorkloads = []string{"ab", "wrk", "iperf", "mem", "setup"}
+
+func parseFlags(args []string) (*config, error) {
+	c := &config{}
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.BoolVar(&c.quick, "quick", false, "short run (under 2 minutes): fewer rounds, shorter runs, fewer containers")
+	fs.BoolVar(&c.install, "install", false, "apt-get install the tools the benchmark needs first (Debian)")
+	fs.StringVar(&c.connectable, "connectable", "bin/connectable", "the connectable binary to measure")
+	fs.StringVar(&c.outDir, "out", "bench/results", "directory for the Markdown results file")
+	rounds := fs.Int("rounds", 0, "rounds of the throughput workloads (0: 5, or 2 with --quick)")
+	conns := fs.Int("conns", 0, "idle connections held through each proxy (0: 2000)")
+	workloads := fs.String("workloads", strings.Join(allWorkloads, ","), "workloads to run: "+strings.Join(allWorkloads, ","))
+	contenders := fs.String("contenders", "direct,HAProxy,nginx,connectable", "contenders to measure (direct is always measured: ratios need it)")
+	fs.BoolVar(&c.pause, "pause", false, "set up, print how to reach each contender, then wait for Ctrl-C instead of measuring (for profiling by hand)")
+	fs.DurationVar(&c.lockWait, "lock-wait", 15*time.Minute, "how long to wait for another run's connectable daemon to finish")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: bench [options]   (as root, from the repository root)\n\n"+
+			"Measures direct, HAProxy (TCP mode), nginx (stream) and connectable with ab (a new\n"+
+			"connection per request), wrk (keep-alive), iperf3 (bulk), idle connections' memory and\n"+
+			"set-up latency; prints a Markdown report and writes it under -out.\n\nOptions:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if c.quick {
+		c.rounds, c.abDur, c.wrkDur, c.iperfDur = 2, 2*time.Second, 2*time.Second, 2*time.Second
+		c.conns, c.seq, c.burst = 2000, 5, 20
+	} else {
+		c.rounds, c.abDur, c.wrkDur, c.iperfDur = 5, 4*time.Second, 4*time.Second, 3*time.Second
+		c.conns, c.seq, c.burst = 2000, 20, 100
+	}
+	if *rounds > 0 {
+		c.rounds = *rounds
+	}
+	if *conns > 0 {
+		c.conns = *conns
+	}
+	c.workloads = map[string]bool{}
+	for _, w := range strings.Split(*workloads, ",") {
+		w = strings.TrimSpace(w)
+		if w == "" {
+			continue
+		}
+		known := false
+		for _, k := range allWorkloads {
+			known = known || k == w
+		}
+		if !known {
+			return nil, fmt.Errorf("unknown workload %q (known: %s)", w, strings.Join(allWorkloads, ","))
+		}
+		c.workloads[w] = true
+	}
+	c.contenders = map[string]bool{"direct": true}
+	for _, n := range strings.Split(*contenders, ",") {
+		n = strings.TrimSpace(n)
+		switch n {
+		case "":
+		case "direct", "HAProxy", "nginx", "connectable":
+			c.contenders[n] = true
+		default:
+			return nil, fmt.Errorf("unknown contender %q (known: direct, HAProxy, nginx, connectable)", n)
+		}
+	}
+	return c, nil
+}
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	cfg, err := parseFlags(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 2
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "bench: needs root (namespaces, nsenter, Docker)")
+		return 2
+	}
+	if cfg.install {
+		if err := install(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 1
+		}
+	}
+	if missing := missingTools(); len(missing) > 0 {
+		fmt.Fprintf(os.Stderr, "bench: missing: %s\n  install with: make bench ARGS=--install  (or: apt-get install %s)\n",
+			strings.Join(missing, ", "), strings.Join(packagesFor(missing), " "))
+		return 2
+	}
+
+	// The first Ctrl-C cancels the run; signals that follow are swallowed
+	// until the clean-up has finished, so it is never cut short.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	b, err := newBench(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 1
+	}
+	err = b.run(ctx)
+	b.runCleanups()
+	if err != nil {
+		logf("FAILED: %v (logs kept in %s)", err, b.dir)
+		return 1
+	}
+	_ = os.RemoveAll(b.dir)
+	return 0
+}
+
+// run is the whole benchmark, in the order that keeps each workload from
+// disturbing the next: memory first (fresh processes), then throughput, then
+// set-up latency (which starts and removes many containers).
+func (b *bench) run(ctx context.Context) error {
+	b.started = time.Now()
+	b.loadBefore = loadAvg()
+	logf("run %s: %d CPUs, load %s, work directory %s", b.id, runtime.NumCPU(), b.loadBefore, b.dir)
+	if err := b.collectVersions(ctx); err != nil {
+		return err
+	}
+	if err := b.lockDaemons(ctx); err != nil {
+		return err
+	}
+	if err := b.setup(ctx); err != nil {
+		return err
+	}
+	if b.cfg.pause {
+		b.printPause()
+		<-ctx.Done()
+		return nil
+	}
+	if b.cfg.workloads["mem"] {
+		if err := b.memory(ctx); err != nil {
+			return err
+		}
+	}
+	if b.cfg.workloads["ab"] || b.cfg.workloads["wrk"] || b.cfg.workloads["iperf"] {
+		if err := b.throughput(ctx); err != nil {
+			return err
+		}
+	}
+	if b.cfg.workloads["setup"] {
+		if err := b.setupLatency(ctx); err != nil {
+			return err
+		}
+	}
+	b.loadAfter = loadAvg()
+	b.elapsed = time.Since(b.started)
+	report := b.report()
+	fmt.Print(report)
+	path, err := b.writeReport(report)
+	if err != nil {
+		return err
+	}
+	logf("done in %v; results in %s", b.elapsed.Round(time.Second), path)
+	return nil
+}
+
+// logf prints progress to stderr, so stdout holds only the report.
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench %s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func minMax(v []float64) (lo, hi float64) {
+	for i, x := range v {
+		if i == 0 || x < lo {
+			lo = x
+		}
+		if i == 0 || x > hi {
+			hi = x
+		}
+	}
+	return lo, hi
+}

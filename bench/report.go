@@ -1,0 +1,244 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Targets of issue 7.
+const (
+	targetNewConn   = 1.10 // × the better of HAProxy and nginx
+	targetKeepAlive = 1.05 // × the better of HAProxy and nginx
+	targetBulk      = 0.80 // × direct
+	targetIdleKiB   = 9.0
+	targetSetupMed  = 50 * time.Millisecond
+	targetSetupMax  = 200 * time.Millisecond
+	targetBurst     = 10 * time.Second
+)
+
+// row is one line of the main table.
+type row struct {
+	title  string
+	s      series
+	format string
+	skip   map[string]bool // contenders without a value by nature
+}
+
+func (b *bench) report() string {
+	var w strings.Builder
+	now := time.Now()
+	host, _ := os.Hostname()
+	mode := "full"
+	if b.cfg.quick {
+		mode = "quick"
+	}
+	fmt.Fprintf(&w, "# connectable benchmark, %s\n\n", now.Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(&w, "- Machine: %s, %d CPUs (%s), kernel %s\n", host, runtime.NumCPU(), cpuModel(), strings.TrimSpace(readFile("/proc/sys/kernel/osrelease")))
+	fmt.Fprintf(&w, "- Load average (1, 5, 15 min): %s before, %s after\n", b.loadBefore, b.loadAfter)
+	fmt.Fprintf(&w, "- Mode: %s: %d rounds (contenders interleaved, order rotated each round), ab %v, wrk %v, iperf3 %v (+1 s omitted) per run; %d idle connections; set-up %d one by one, %d at once\n",
+		mode, b.cfg.rounds, b.cfg.abDur, b.cfg.wrkDur, b.cfg.iperfDur, b.cfg.conns, b.cfg.seq, b.cfg.burst)
+	fmt.Fprintf(&w, "- Command: `%s`; took %v\n", strings.Join(os.Args, " "), b.elapsed.Round(time.Second))
+	fmt.Fprintf(&w, "- Client: ab, wrk and iperf3 of the host, run with nsenter in the network namespace of a labelled busybox container (--network none plus one veth to the backend namespace)\n\n")
+
+	fmt.Fprintf(&w, "## Results\n\nMedian (min–max) over the rounds; × = ratio of medians to direct.\n\n")
+	names := []string{}
+	for _, c := range b.contenders {
+		names = append(names, c.name)
+	}
+	fmt.Fprintf(&w, "| Workload | %s |\n|---|%s\n", strings.Join(names, " | "), strings.Repeat("---:|", len(names)))
+	direct := map[string]bool{"direct": true}
+	rows := []row{
+		{"New connection per request (ab -c 20), req/s", b.res.abRPS, "%.0f", nil},
+		{"Keep-alive (wrk -c 50), req/s", b.res.wrkRPS, "%.0f", nil},
+		{"Keep-alive latency p50, ms", b.res.wrkP50, "%.2f", nil},
+		{"Keep-alive latency p99, ms", b.res.wrkP99, "%.2f", nil},
+		{"Bulk (iperf3, 1 stream), Gbit/s", b.res.iperfGbps, "%.2f", nil},
+		{fmt.Sprintf("Idle relayed connection, KiB Pss each (%d held)", b.cfg.conns), b.res.memPSS, "%.1f", direct},
+		{"Idle relayed connection, KiB Rss each", b.res.memRSS, "%.1f", direct},
+	}
+	for _, r := range rows {
+		if len(r.s) == 0 {
+			continue
+		}
+		cells := []string{}
+		dm := median(r.s["direct"])
+		for _, n := range names {
+			v := r.s[n]
+			switch {
+			case r.skip[n]:
+				cells = append(cells, "n/a")
+			case len(v) == 0:
+				cells = append(cells, "failed")
+			default:
+				m := median(v)
+				cell := fmt.Sprintf(r.format, m)
+				if len(v) > 1 {
+					lo, hi := minMax(v)
+					cell += fmt.Sprintf(" ("+r.format+"–"+r.format+")", lo, hi)
+				}
+				if n != "direct" && dm > 0 {
+					cell += fmt.Sprintf(" %.2f×", m/dm)
+				}
+				cells = append(cells, cell)
+			}
+		}
+		fmt.Fprintf(&w, "| %s | %s |\n", r.title, strings.Join(cells, " | "))
+	}
+	w.WriteString("\n")
+
+	if len(b.res.seq) > 0 || b.res.burst != nil {
+		w.WriteString("## Set-up latency (connectable)\n\n| Measure | Value |\n|---|---:|\n")
+		if len(b.res.seq) > 0 {
+			s := sortedDurations(b.res.seq)
+			fmt.Fprintf(&w, "| %d containers one by one: docker run returned → first request served, median | %s |\n", len(s), ms(durMedian(s)))
+			fmt.Fprintf(&w, "| … worst | %s |\n| … best | %s |\n", ms(s[len(s)-1]), ms(s[0]))
+		}
+		if br := b.res.burst; br != nil {
+			fmt.Fprintf(&w, "| %d containers started at once: first start call → all served | %s (%d of %d served) |\n", br.n, sec(br.allServed), br.served, br.n)
+			fmt.Fprintf(&w, "| … of which the engine took to start them all | %s |\n", sec(br.allStarted))
+			if len(br.lag) > 0 {
+				fmt.Fprintf(&w, "| … each container: its start returned → first request served, median / worst | %s / %s |\n",
+					ms(durMedian(br.lag)), ms(br.lag[len(br.lag)-1]))
+			}
+		}
+		w.WriteString("\n")
+	}
+
+	w.WriteString(b.targets())
+
+	w.WriteString("## Contenders\n\n")
+	for _, c := range b.contenders {
+		fmt.Fprintf(&w, "- **%s**: %s\n", c.name, c.config())
+	}
+	fmt.Fprintf(&w, "- backend: nginx (worker_processes auto, no access log, keep-alive without a request limit) returning a fixed %d-byte body; iperf3 -s; all in a namespace of their own, one veth hop from the client namespace (direct, HAProxy, nginx) and from connectable's namespace\n\n", bodySize)
+
+	w.WriteString("## Versions\n\n| Program | Version |\n|---|---|\n")
+	for _, v := range b.versions {
+		fmt.Fprintf(&w, "| %s | %s |\n", v[0], v[1])
+	}
+	w.WriteString("\n## Commands\n\n")
+	for _, c := range b.res.commands {
+		fmt.Fprintf(&w, "- `%s`\n", strings.ReplaceAll(c, "`", "'"))
+	}
+	if len(b.res.notes) > 0 {
+		w.WriteString("\n## Notes\n\n")
+		for _, n := range b.res.notes {
+			fmt.Fprintf(&w, "- %s\n", n)
+		}
+	}
+	w.WriteString("\n## Raw values (per round, in round order)\n\n")
+	for _, r := range rows {
+		if len(r.s) == 0 {
+			continue
+		}
+		fmt.Fprintf(&w, "- %s:", r.title)
+		for _, n := range names {
+			if v := r.s[n]; len(v) > 0 {
+				parts := []string{}
+				for _, x := range v {
+					parts = append(parts, fmt.Sprintf(r.format, x))
+				}
+				fmt.Fprintf(&w, " %s [%s]", n, strings.Join(parts, " "))
+			}
+		}
+		w.WriteString("\n")
+	}
+	if len(b.res.seq) > 0 {
+		parts := []string{}
+		for _, d := range b.res.seq {
+			parts = append(parts, ms(d))
+		}
+		fmt.Fprintf(&w, "- set-up one by one, in start order: %s\n", strings.Join(parts, " "))
+	}
+	return w.String()
+}
+
+// targets checks issue 7's targets against the medians.
+func (b *bench) targets() string {
+	var w strings.Builder
+	w.WriteString("## Targets\n\n| Target | Measured | Result |\n|---|---|---|\n")
+	line := func(target, measured string, ok bool) {
+		res := "MISS"
+		if ok {
+			res = "pass"
+		}
+		fmt.Fprintf(&w, "| %s | %s | %s |\n", target, measured, res)
+	}
+	vsBest := func(s series, what string, want float64) {
+		c := median(s["connectable"])
+		h, n := median(s["HAProxy"]), median(s["nginx"])
+		best, name := h, "HAProxy"
+		if n > h {
+			best, name = n, "nginx"
+		}
+		if c == 0 || best == 0 {
+			line(fmt.Sprintf("%s ≥ %.2f× the better of HAProxy and nginx", what, want), "no data", false)
+			return
+		}
+		line(fmt.Sprintf("%s ≥ %.2f× the better of HAProxy and nginx", what, want),
+			fmt.Sprintf("%.2f× (connectable %.0f, %s %.0f req/s)", c/best, c, name, best), c/best >= want)
+	}
+	if len(b.res.abRPS) > 0 {
+		vsBest(b.res.abRPS, "New connection per request", targetNewConn)
+	}
+	if len(b.res.wrkRPS) > 0 {
+		vsBest(b.res.wrkRPS, "Keep-alive", targetKeepAlive)
+	}
+	if len(b.res.iperfGbps) > 0 {
+		c, d := median(b.res.iperfGbps["connectable"]), median(b.res.iperfGbps["direct"])
+		r := 0.0
+		if d > 0 {
+			r = c / d
+		}
+		line(fmt.Sprintf("Bulk ≥ %.2f× direct", targetBulk), fmt.Sprintf("%.2f× (%.2f of %.2f Gbit/s)", r, c, d), r >= targetBulk)
+	}
+	if v := b.res.memPSS["connectable"]; len(v) > 0 {
+		m := median(v)
+		line(fmt.Sprintf("Idle relayed connection ≤ %.0f KiB", targetIdleKiB), fmt.Sprintf("%.1f KiB Pss (%.1f KiB Rss)", m, median(b.res.memRSS["connectable"])), m <= targetIdleKiB)
+	}
+	if len(b.res.seq) > 0 {
+		s := sortedDurations(b.res.seq)
+		line(fmt.Sprintf("Set-up median ≤ %s", ms(targetSetupMed)), ms(durMedian(s)), durMedian(s) <= targetSetupMed && len(b.res.seq) == b.cfg.seq)
+		line(fmt.Sprintf("Set-up worst ≤ %s", ms(targetSetupMax)), ms(s[len(s)-1]), s[len(s)-1] <= targetSetupMax && len(b.res.seq) == b.cfg.seq)
+	}
+	if br := b.res.burst; br != nil {
+		line(fmt.Sprintf("%d containers at once all served ≤ %s", br.n, sec(targetBurst)),
+			fmt.Sprintf("%s (the engine's part: %s)", sec(br.allServed), sec(br.allStarted)), br.served == br.n && br.allServed <= targetBurst)
+	}
+	w.WriteString("\n")
+	return w.String()
+}
+
+func (b *bench) writeReport(report string) (string, error) {
+	if err := os.MkdirAll(b.cfg.outDir, 0o755); err != nil {
+		return "", err
+	}
+	name := time.Now().Format("2006-01-02-150405")
+	if b.cfg.quick {
+		name += "-quick"
+	}
+	path := filepath.Join(b.cfg.outDir, name+".md")
+	return path, os.WriteFile(path, []byte(report), 0o644)
+}
+
+func sortedDurations(d []time.Duration) []time.Duration {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s
+}
+
+// durMedian is the median of sorted durations.
+func durMedian(s []time.Duration) time.Duration {
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func ms(d time.Duration) string  { return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond)) }
+func sec(d time.Duration) string { return fmt.Sprintf("%.2f s", d.Seconds()) }

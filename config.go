@@ -1,0 +1,223 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/connectable/connectable/resolver"
+)
+
+// config is everything the daemon and its subcommands can be told.
+type config struct {
+	dockerHost     string
+	port           uint16
+	dns            []string
+	dnsTimeout     time.Duration
+	dnsMinTTL      time.Duration
+	dnsMaxTTL      time.Duration
+	dnsNegTTL      time.Duration
+	dnsStale       time.Duration
+	connectTimeout time.Duration
+	dialTimeout    time.Duration
+	drainTimeout   time.Duration
+	halfClose      time.Duration
+	iptables       string
+	resync         time.Duration
+	logLevel       slog.Level
+	logFormat      string
+	admin          string
+}
+
+// option is one flag with the environment variable that sets its default.
+type option struct {
+	name, env, def, usage string
+	set                   func(c *config, v string) error
+}
+
+var options = []option{
+	{"docker-host", "DOCKER_HOST", "", "Docker Engine endpoint (unix:// or tcp://); empty: the local socket. DOCKER_TLS_VERIFY and DOCKER_CERT_PATH apply as for the docker CLI",
+		func(c *config, v string) error { c.dockerHost = v; return nil }},
+	{"port", "PORT", "0", "proxy port inside each container's namespace; 0: reuse the port of a previous run, else let the kernel pick a free one",
+		func(c *config, v string) error {
+			p, err := strconv.ParseUint(v, 10, 16)
+			if err != nil {
+				return errors.New("not a port number (0-65535)")
+			}
+			c.port = uint16(p)
+			return nil
+		}},
+	{"dns", "CONNECTABLE_DNS", "", "DNS servers for SRV lookups, ADDR[:PORT][,ADDR[:PORT]...] (port 53 if omitted); empty: the nameservers of /etc/resolv.conf",
+		func(c *config, v string) (err error) {
+			if v == "" {
+				c.dns = nil
+				return nil
+			}
+			c.dns, err = resolver.ParseServers(v)
+			return err
+		}},
+	{"dns-timeout", "CONNECTABLE_DNS_TIMEOUT", "2s", "timeout of one DNS query to one server", duration(func(c *config) *time.Duration { return &c.dnsTimeout })},
+	{"dns-min-ttl", "CONNECTABLE_DNS_MIN_TTL", "1s", "shortest time an answer is cached (Consul's TTL is 0)", duration(func(c *config) *time.Duration { return &c.dnsMinTTL })},
+	{"dns-max-ttl", "CONNECTABLE_DNS_MAX_TTL", "5m", "longest time an answer is cached", duration(func(c *config) *time.Duration { return &c.dnsMaxTTL })},
+	{"dns-negative-ttl", "CONNECTABLE_DNS_NEGATIVE_TTL", "1s", "time a missing name or empty answer is cached", duration(func(c *config) *time.Duration { return &c.dnsNegTTL })},
+	{"dns-stale", "CONNECTABLE_DNS_STALE", "1m", "how long an expired answer is still used while every DNS server fails", duration(func(c *config) *time.Duration { return &c.dnsStale })},
+	{"connect-timeout", "CONNECTABLE_CONNECT_TIMEOUT", "3s", "timeout of one connection attempt to one endpoint", duration(func(c *config) *time.Duration { return &c.connectTimeout })},
+	{"dial-timeout", "CONNECTABLE_DIAL_TIMEOUT", "10s", "bound on resolving and trying every endpoint for one client connection", duration(func(c *config) *time.Duration { return &c.dialTimeout })},
+	{"drain-timeout", "CONNECTABLE_DRAIN_TIMEOUT", "10s", "on shutdown, how long live connections may finish before they are closed", duration(func(c *config) *time.Duration { return &c.drainTimeout })},
+	{"half-close-timeout", "CONNECTABLE_HALF_CLOSE_TIMEOUT", "1m", "once one side of a relayed connection has closed, how long the other may stay silent before the connection is closed", duration(func(c *config) *time.Duration { return &c.halfClose })},
+	{"iptables", "CONNECTABLE_IPTABLES", "auto", "iptables backend: auto (the one that already holds the host's rules), nft or legacy",
+		func(c *config, v string) error {
+			switch v {
+			case "auto", "nft", "legacy":
+				c.iptables = v
+				return nil
+			}
+			return errors.New("must be auto, nft or legacy")
+		}},
+	{"resync", "CONNECTABLE_RESYNC", "30s", "interval of the full resynchronisation with the Docker Engine", duration(func(c *config) *time.Duration { return &c.resync })},
+	{"admin", "CONNECTABLE_ADMIN", "127.0.0.1:9876", "address of the read-only admin endpoint (/metrics, /status, /healthz); empty disables it",
+		func(c *config, v string) error {
+			if v == "" {
+				c.admin = ""
+				return nil
+			}
+			if _, _, err := net.SplitHostPort(v); err != nil {
+				return errors.New("must be HOST:PORT, e.g. 127.0.0.1:9876")
+			}
+			c.admin = v
+			return nil
+		}},
+	{"log-level", "CONNECTABLE_LOG_LEVEL", "info", "log level: debug, info, warn or error (debug logs every connection)",
+		func(c *config, v string) error { return c.logLevel.UnmarshalText([]byte(v)) }},
+	{"log-format", "CONNECTABLE_LOG_FORMAT", "text", "log format: text or json",
+		func(c *config, v string) error {
+			if v != "text" && v != "json" {
+				return errors.New("must be text or json")
+			}
+			c.logFormat = v
+			return nil
+		}},
+}
+
+// duration returns a setter for a positive duration field.
+func duration(field func(*config) *time.Duration) func(*config, string) error {
+	return func(c *config, v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return errors.New("not a duration (e.g. 500ms, 2s, 1m)")
+		}
+		if d <= 0 {
+			return errors.New("must be positive")
+		}
+		*field(c) = d
+		return nil
+	}
+}
+
+// optionValue adapts an option to flag.Value.
+type optionValue struct {
+	c   *config
+	opt *option
+	cur string
+}
+
+func (v *optionValue) String() string {
+	if v == nil || v.opt == nil {
+		return ""
+	}
+	return v.cur
+}
+
+func (v *optionValue) Set(s string) error {
+	if err := v.opt.set(v.c, s); err != nil {
+		return err
+	}
+	v.cur = s
+	return nil
+}
+
+// parseConfig reads the environment (through getenv) and then args, which
+// may hold flags before and after positional arguments. only limits the
+// flags accepted (nil: all). It returns the positional arguments.
+func parseConfig(name string, args []string, getenv func(string) string, only []string, stderr io.Writer) (*config, []string, error) {
+	c := &config{}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	for i := range options {
+		o := &options[i]
+		if only != nil && !contains(only, o.name) {
+			continue
+		}
+		v := &optionValue{c: c, opt: o}
+		if err := v.Set(o.def); err != nil {
+			return nil, nil, fmt.Errorf("default of --%s: %w", o.name, err) // a bug, caught by tests
+		}
+		if e := getenv(o.env); e != "" {
+			if err := v.Set(e); err != nil {
+				return nil, nil, fmt.Errorf("invalid value %q for environment variable %s: %w", e, o.env, err)
+			}
+		}
+		fs.Var(v, o.name, fmt.Sprintf("%s (env %s)", o.usage, o.env))
+	}
+	fs.Usage = func() { usage(fs, stderr) }
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, nil, err
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			break
+		}
+		positional = append(positional, args[0])
+		args = args[1:]
+	}
+	return c, positional, nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func usage(fs *flag.FlagSet, w io.Writer) {
+	fmt.Fprintf(w, `Usage:
+  connectable [options]                  run the daemon
+  connectable resolve NAME [options]     print the endpoints one new connection to NAME would try
+  connectable status [--admin ADDR]      print what a running daemon serves, as a table
+  connectable version                    print the version
+
+Containers declare what they need with labels: connect.<port>=<service>.
+<service> is a DNS name (SRV lookup), host:port or ip:port.
+
+Options (each also read from the environment variable shown; flags win):
+`)
+	fs.VisitAll(func(f *flag.Flag) {
+		def := ""
+		for _, o := range options {
+			if o.name == f.Name {
+				def = o.def
+			}
+		}
+		fmt.Fprintf(w, "  --%s\n    \t%s (default %q)\n", f.Name, strings.ReplaceAll(f.Usage, "\n", " "), def)
+	})
+}
+
+// newLogger builds the process's logger from the configuration.
+func newLogger(c *config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: c.logLevel}
+	if c.logFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}

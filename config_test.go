@@ -1,0 +1,152 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/connectable/connectable/internal/testenv"
+)
+
+func env(kv ...string) func(string) string {
+	m := map[string]string{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return func(k string) string { return m[k] }
+}
+
+func TestParseConfigDefaults(t *testing.T) {
+	c, pos, err := parseConfig("connectable", nil, env(), nil, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pos) != 0 || c.port != 0 || c.dns != nil || c.iptables != "auto" || c.connectTimeout != 3*time.Second ||
+		c.dnsMinTTL != time.Second || c.resync != 30*time.Second || c.logFormat != "text" {
+		t.Errorf("defaults: %+v, positional %v", c, pos)
+	}
+}
+
+func TestParseConfigEnvAndFlags(t *testing.T) {
+	c, pos, err := parseConfig("connectable",
+		[]string{"redis.service.consul", "--dns", "127.0.0.1:8600", "--port=7000"},
+		env("PORT", "6500", "CONNECTABLE_CONNECT_TIMEOUT", "750ms", "DOCKER_HOST", "tcp://127.0.0.1:2375",
+			"CONNECTABLE_DNS", "192.0.2.1"),
+		nil, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.port != 7000 {
+		t.Errorf("port = %d; want 7000 (the flag wins over PORT)", c.port)
+	}
+	if c.connectTimeout != 750*time.Millisecond {
+		t.Errorf("connect timeout = %v; want 750ms from the environment", c.connectTimeout)
+	}
+	if c.dockerHost != "tcp://127.0.0.1:2375" {
+		t.Errorf("docker host = %q", c.dockerHost)
+	}
+	if len(c.dns) != 1 || c.dns[0] != "127.0.0.1:8600" {
+		t.Errorf("dns = %v; want [127.0.0.1:8600]", c.dns)
+	}
+	if len(pos) != 1 || pos[0] != "redis.service.consul" {
+		t.Errorf("positional = %v", pos)
+	}
+}
+
+func TestParseConfigInvalid(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  []string
+		want string // in the error
+	}{
+		{"port not a number", []string{"--port", "abc"}, nil, "port"},
+		{"port out of range", []string{"--port", "70000"}, nil, "port"},
+		{"PORT invalid", nil, []string{"PORT", "-1"}, "PORT"},
+		{"negative duration", []string{"--connect-timeout", "-1s"}, nil, "connect-timeout"},
+		{"zero duration", []string{"--dns-timeout", "0s"}, nil, "dns-timeout"},
+		{"not a duration", nil, []string{"CONNECTABLE_DNS_STALE", "soon"}, "CONNECTABLE_DNS_STALE"},
+		{"bad dns", []string{"--dns", "127.0.0.1:99999"}, nil, "dns"},
+		{"bad iptables", []string{"--iptables", "ebtables"}, nil, "iptables"},
+		{"bad log level", []string{"--log-level", "loud"}, nil, "log-level"},
+		{"bad log format", nil, []string{"CONNECTABLE_LOG_FORMAT", "xml"}, "CONNECTABLE_LOG_FORMAT"},
+		{"unknown flag", []string{"--nope"}, nil, "nope"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			_, _, err := parseConfig("connectable", tc.args, env(tc.env...), nil, &stderr)
+			if err == nil {
+				t.Fatalf("no error")
+			}
+			if msg := err.Error() + stderr.String(); !strings.Contains(msg, tc.want) {
+				t.Errorf("error %q does not name %q", msg, tc.want)
+			}
+		})
+	}
+}
+
+func TestRunExitCodes(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		out  string
+	}{
+		{"version", []string{"version"}, 0, "connectable dev"},
+		{"help", []string{"--help"}, 0, ""},
+		{"invalid flag", []string{"--port", "x"}, 2, ""},
+		{"unknown command", []string{"frobnicate"}, 2, ""},
+		{"resolve without name", []string{"resolve"}, 2, ""},
+		{"resolve invalid name", []string{"resolve", "not a name"}, 2, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := run(context.Background(), tc.args, env(), &stdout, &stderr)
+			if code != tc.code {
+				t.Errorf("exit code %d, want %d; stderr: %s", code, tc.code, stderr.String())
+			}
+			if !strings.Contains(stdout.String(), tc.out) {
+				t.Errorf("stdout %q, want it to contain %q", stdout.String(), tc.out)
+			}
+		})
+	}
+}
+
+func TestHelpListsEveryOption(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	run(context.Background(), []string{"--help"}, env(), &stdout, &stderr)
+	help := stderr.String()
+	for _, o := range options {
+		if !strings.Contains(help, "--"+o.name) || !strings.Contains(help, o.env) {
+			t.Errorf("--help lacks --%s or its variable %s", o.name, o.env)
+		}
+	}
+}
+
+// TestResolveCommand runs `connectable resolve` against a real dnsmasq:
+// the operator's first check when a label does not work.
+func TestResolveCommand(t *testing.T) {
+	dns := testenv.Dnsmasq(t, []testenv.SRV{
+		{Name: "web.service.test", Target: "a.node.test", Port: 8080, Priority: 1, Weight: 10},
+		{Name: "web.service.test", Target: "b.node.test", Port: 8081, Priority: 2, Weight: 10},
+	}, map[string][]string{"a.node.test": {"127.0.0.2"}, "b.node.test": {"fd00::2"}})
+
+	var stdout, stderr bytes.Buffer
+	// Flags after the name work as well as before it.
+	code := run(context.Background(), []string{"resolve", "web.service.test", "--dns", dns}, env(), &stdout, &stderr)
+	if code != 0 {
+		t.Fatalf("exit code %d: %s", code, stderr.String())
+	}
+	if got, want := stdout.String(), "127.0.0.2:8080\n[fd00::2]:8081\n"; got != want {
+		t.Errorf("resolve printed %q; want %q (priority order, one ip:port per line)", got, want)
+	}
+
+	stdout.Reset()
+	stderr.Reset()
+	code = run(context.Background(), []string{"resolve", "--dns", dns, "missing.service.test"}, env(), &stdout, &stderr)
+	if code == 0 || !strings.Contains(stderr.String(), "missing.service.test") {
+		t.Errorf("resolving a missing name: exit %d, stderr %q; want non-zero and the name", code, stderr.String())
+	}
+}

@@ -1,0 +1,117 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"github.com/connectable/connectable/admin"
+	"github.com/connectable/connectable/docker"
+	"github.com/connectable/connectable/iptables"
+	"github.com/connectable/connectable/proxy"
+	"github.com/connectable/connectable/resolver"
+)
+
+var (
+	_ proxy.Resolver   = (*resolver.Resolver)(nil)
+	_ proxy.Redirector = (*iptables.NAT)(nil)
+	_ docker.Sink      = (*proxy.Server)(nil)
+)
+
+// daemon runs connectable until ctx ends, then removes its rules from every
+// namespace still alive and lets live connections drain.
+func daemon(ctx context.Context, c *config, logw io.Writer) error {
+	log := newLogger(c, logw)
+	if err := preflight(); err != nil {
+		return err
+	}
+	res, err := newResolver(c, log)
+	if err != nil {
+		return err
+	}
+	nat, err := iptables.New(iptables.Config{Backend: c.iptables, Logger: log})
+	if err != nil {
+		return fmt.Errorf("setting up iptables: %w", err)
+	}
+	if c.dockerHost != "" {
+		// go-dockerclient reads the endpoint, and TLS settings with it, from
+		// the environment; the flag wins over the variable.
+		os.Setenv("DOCKER_HOST", c.dockerHost)
+	}
+	client, err := docker.NewClient()
+	if err != nil {
+		return fmt.Errorf("connecting to Docker: %w", err)
+	}
+	srv := &proxy.Server{
+		Resolver:         res,
+		Redirector:       nat,
+		Port:             c.port,
+		ConnectTimeout:   c.connectTimeout,
+		DialTimeout:      c.dialTimeout,
+		DrainTimeout:     c.drainTimeout,
+		HalfCloseTimeout: c.halfClose,
+		Logger:           log,
+	}
+	adm := admin.New(version, log)
+	adm.Proxy, adm.Resolver = srv, res
+	w := docker.NewWatcher(docker.Config{
+		Client:         client,
+		Sink:           adm.TimeSetup(srv),
+		Validate:       resolver.Validate,
+		ResyncInterval: c.resync,
+		SelfID:         docker.SelfContainerID(),
+		Logger:         log,
+	})
+	adm.Watcher = w
+	portMode := "ephemeral"
+	if c.port != 0 {
+		portMode = fmt.Sprint(c.port)
+	}
+	log.Info("connectable starting", "version", version, "docker", client.Endpoint(),
+		"dns", res.Servers(), "iptables", nat.Backend(), "port", portMode, "admin", c.admin)
+
+	start := time.Now()
+	ctx, cancel := context.WithCancel(ctx)
+	adminDone := make(chan error, 1)
+	if c.admin != "" {
+		ln, err := net.Listen("tcp", c.admin)
+		if err != nil {
+			cancel()
+			return fmt.Errorf("admin endpoint on %s: %w", c.admin, err)
+		}
+		go func() { adminDone <- adm.ServeListener(ctx, ln) }()
+	} else {
+		adminDone <- nil
+	}
+	runErr := w.Run(ctx)
+	cancel()
+	closeErr := srv.Close()
+	if err := <-adminDone; err != nil {
+		log.Warn("admin endpoint stopped", "err", err)
+	}
+	log.Info("connectable stopped", "uptime", time.Since(start).Round(time.Second))
+	if runErr != nil {
+		return runErr
+	}
+	return closeErr
+}
+
+func newResolver(c *config, log *slog.Logger) (*resolver.Resolver, error) {
+	r, err := resolver.New(resolver.Config{
+		Servers:     c.dns,
+		Timeout:     c.dnsTimeout,
+		MinTTL:      c.dnsMinTTL,
+		MaxTTL:      c.dnsMaxTTL,
+		NegativeTTL: c.dnsNegTTL,
+		StaleFor:    c.dnsStale,
+		Logger:      log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("setting up the resolver: %w", err)
+	}
+	return r, nil
+}

@@ -1,0 +1,68 @@
+package e2e
+
+import (
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/connectable/connectable/internal/testenv"
+)
+
+// Case 10: connectable itself runs as a container, from an image built
+// locally from the static binary plus iptables, with only the Docker socket,
+// --pid=host and the two capabilities it needs (NET_ADMIN for iptables,
+// SYS_ADMIN for setns). --privileged grants a superset, but this machine's
+// engine cannot grant it at all (its own bounding set lacks
+// CAP_SYS_RESOURCE, so runc fails with "unable to apply caps"). It shares the host's network namespace so
+// that it reaches the loopback backends and DNS server of this test; it
+// carries a connect label itself, which it must ignore.
+func TestDaemonAsContainer(t *testing.T) {
+	prerequisites(t)
+	tag := daemonImage(t)
+
+	be := startBackend(t, "be")
+	srvs, hosts := service("web.service.test", be)
+	dns := testenv.Dnsmasq(t, srvs, hosts)
+
+	daemon := testenv.RunContainer(t, "--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--pid=host", "--network=host",
+		"-v", "/var/run/docker.sock:/var/run/docker.sock",
+		"-l", "connect.6000=web.service.test",
+		tag, "--dns", dns, "--log-level", "debug", "--resync", "2s")
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, _ := exec.Command("docker", "logs", daemon).CombinedOutput()
+			t.Logf("daemon container logs:\n%s", out)
+		}
+	})
+
+	id := container(t, "-l", "connect.6000=web.service.test")
+	eventually(t, 30*time.Second, "request through the containerised daemon", func() error {
+		_, err := fetch(t, id, "http://localhost:6000/")
+		return err
+	})
+
+	// A graceful stop removes the rules it installed.
+	testenv.Run(t, "docker", "stop", "-t", "20", daemon)
+	for _, family := range []string{"iptables", "ip6tables"} {
+		if rules := rulesIn(t, id, family, "nft"); strings.Contains(rules, "CONNECTABLE") {
+			t.Errorf("%s rules left after the daemon container stopped:\n%s", family, rules)
+		}
+	}
+	if code := strings.TrimSpace(testenv.Run(t, "docker", "inspect", "-f", "{{.State.ExitCode}}", daemon)); code != "0" {
+		t.Errorf("daemon container exit code %s, want 0", code)
+	}
+}
+
+// daemonImage builds an image of the binary under test with
+// scripts/local-image.sh (no registry needed) and removes it when the test
+// ends.
+func daemonImage(t *testing.T) string {
+	t.Helper()
+	tag := "connectable-test/daemon:" + testenv.RandomName("")
+	script, _ := filepath.Abs("../scripts/local-image.sh")
+	testenv.Run(t, script, tag, binary)
+	t.Cleanup(func() { _ = exec.Command("docker", "rmi", "-f", tag).Run() })
+	return tag
+}

@@ -1,0 +1,168 @@
+package proxy
+
+import (
+	"cmp"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+)
+
+// Stats is a snapshot of the server's counters, for metrics. Counters only
+// grow, except gauges named Active and the per-endpoint failures of
+// endpoints that have been forgotten (see EndpointStatus.DialFailures).
+type Stats struct {
+	// Services holds the counters of every service a connection was routed
+	// to since the server started.
+	Services map[string]ServiceStats
+	// Namespaces holds the connections being served in each namespace that
+	// is applied now, by key.
+	Namespaces map[string]int64
+	// DialFailures counts failed dials per endpoint that failed lately.
+	DialFailures map[netip.AddrPort]uint64
+	// Failovers counts connections relayed to an endpoint after at least
+	// one other failed to connect.
+	Failovers uint64
+	// Rejected counts connections closed without a dial: direct connections
+	// to the proxy port, ports without a route, unreadable destinations.
+	Rejected uint64
+	// BytesUp and BytesDown total the bytes of finished connections, from
+	// clients to backends and back.
+	BytesUp, BytesDown uint64
+}
+
+// ServiceStats counts the connections routed to one service.
+type ServiceStats struct {
+	Accepted uint64 // routed to the service
+	Active   int64  // being dialled or relayed now
+	Failed   uint64 // closed because no endpoint connected
+	// BytesUp and BytesDown count the bytes of finished connections.
+	BytesUp, BytesDown uint64
+}
+
+// counters is the server's accounting. The connection path only touches
+// atomics once it holds its service's counters.
+type counters struct {
+	mu        sync.Mutex
+	services  map[string]*serviceCounters
+	rejected  atomic.Uint64
+	failovers atomic.Uint64
+}
+
+type serviceCounters struct {
+	name               string
+	accepted, failed   atomic.Uint64
+	active             atomic.Int64
+	bytesUp, bytesDown atomic.Uint64
+	tried              atomic.Pointer[[]netip.AddrPort] // endpoints of the last dial phase, in order
+}
+
+// service returns the counters of a service, creating them on first use.
+// Services come from container labels, so the map stays small.
+func (c *counters) service(name string) *serviceCounters {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sc := c.services[name]
+	if sc == nil {
+		if c.services == nil {
+			c.services = make(map[string]*serviceCounters)
+		}
+		sc = &serviceCounters{name: name}
+		c.services[name] = sc
+	}
+	return sc
+}
+
+func (sc *serviceCounters) setTried(eps []netip.AddrPort) { sc.tried.Store(&eps) }
+
+// Stats returns a snapshot of the server's counters.
+func (s *Server) Stats() Stats {
+	s.init()
+	st := Stats{
+		Services:     make(map[string]ServiceStats),
+		Namespaces:   make(map[string]int64),
+		DialFailures: s.health.dialFailures(),
+		Failovers:    s.stats.failovers.Load(),
+		Rejected:     s.stats.rejected.Load(),
+	}
+	s.stats.mu.Lock()
+	for name, sc := range s.stats.services {
+		ss := ServiceStats{
+			Accepted:  sc.accepted.Load(),
+			Active:    sc.active.Load(),
+			Failed:    sc.failed.Load(),
+			BytesUp:   sc.bytesUp.Load(),
+			BytesDown: sc.bytesDown.Load(),
+		}
+		st.Services[name] = ss
+		st.BytesUp += ss.BytesUp
+		st.BytesDown += ss.BytesDown
+	}
+	s.stats.mu.Unlock()
+	s.mu.Lock()
+	for key, sp := range s.spaces {
+		st.Namespaces[key] = sp.active.Load()
+	}
+	s.mu.Unlock()
+	return st
+}
+
+// NamespaceStatus describes one applied namespace, for a status page.
+type NamespaceStatus struct {
+	Key   string
+	NetNS string
+	Port  uint16 // the proxy port P the rules redirect to
+	IPv6  bool   // whether [::1]:P listens too
+	// Active counts the connections being served in the namespace.
+	Active int64
+	Routes []RouteStatus // by port
+}
+
+// RouteStatus describes one labelled port of a namespace.
+type RouteStatus struct {
+	Port    uint16
+	Service string
+	// Endpoints are the service's endpoints in the order the last
+	// connection to it tried them, with their passive-health state; empty
+	// before the first connection.
+	Endpoints []EndpointStatus
+}
+
+// Namespaces describes every applied namespace, ordered by key.
+func (s *Server) Namespaces() []NamespaceStatus {
+	s.init()
+	s.mu.Lock()
+	var out []NamespaceStatus
+	for _, sp := range s.spaces {
+		ns := NamespaceStatus{
+			Key:    sp.key,
+			NetNS:  sp.netns,
+			Port:   sp.port,
+			IPv6:   sp.v6 != nil,
+			Active: sp.active.Load(),
+		}
+		routes := *sp.routes.Load()
+		for _, port := range slices.Sorted(maps.Keys(routes)) {
+			ns.Routes = append(ns.Routes, RouteStatus{Port: port, Service: routes[port]})
+		}
+		out = append(out, ns)
+	}
+	s.mu.Unlock()
+	for i := range out {
+		for j := range out[i].Routes {
+			r := &out[i].Routes[j]
+			s.stats.mu.Lock()
+			sc := s.stats.services[r.Service]
+			s.stats.mu.Unlock()
+			if sc == nil {
+				continue
+			}
+			if tried := sc.tried.Load(); tried != nil {
+				r.Endpoints = s.health.status(*tried)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b NamespaceStatus) int { return cmp.Compare(a.Key, b.Key) })
+	return out
+}
