@@ -157,6 +157,9 @@ func (s *Server) dialEndpoint(ctx context.Context, ep netip.AddrPort) (*net.TCPC
 	if s.Dial != nil {
 		c, err = s.Dial(ctx, "tcp", ep.String())
 	} else {
+		// Not Dialer.DialTCP: it binds before connecting even when given
+		// no local address, a syscall more and an ephemeral port held
+		// exclusively instead of shared across destinations.
 		var d net.Dialer
 		c, err = d.DialContext(ctx, "tcp", ep.String())
 	}

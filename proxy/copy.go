@@ -150,8 +150,12 @@ func (r *relay) halfCopy(dst, src *net.TCPConn) (int64, error) {
 			return total, err
 		}
 		// src has said EOF, so reading from it is over: only dst needs
-		// the half-close.
-		dst.CloseWrite()
+		// the half-close. When the other direction has ended already,
+		// both connections are closed next, and the close sends the same
+		// FIN: dst has no unread bytes, its own direction read to EOF.
+		if r.running.Load() > 1 {
+			dst.CloseWrite()
+		}
 		return total, nil
 	}
 }
