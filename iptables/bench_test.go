@@ -11,12 +11,17 @@ import (
 	"github.com/connectable/connectable/netns"
 )
 
-// setUp does what the proxy does for a new namespace: both listeners, then
-// both families of rules for two labelled ports. It returns how long that
-// took and a function closing the listeners.
+// setUp does what the proxy does for a new namespace: the port of earlier
+// rules, both listeners, then both families of rules for two labelled
+// ports. It returns how long that took and a function closing the
+// listeners.
 func setUp(b *testing.B, nat *iptables.NAT, ns string) (time.Duration, func()) {
 	start := time.Now()
-	v4, v6, err := netns.Listen(ns, 0)
+	port, err := nat.Port(ns)
+	if err != nil {
+		b.Fatalf("Port: %v", err)
+	}
+	v4, v6, err := netns.Listen(ns, port)
 	if err != nil {
 		b.Fatalf("netns.Listen: %v", err)
 	}

@@ -213,3 +213,78 @@ func TestApplyRejectsBadInput(t *testing.T) {
 		t.Errorf("bad input still ran iptables")
 	}
 }
+
+// TestPortThenApplyListsOnce: a daemon asks Port before it listens, then
+// Applies; the second listing per family is saved, and the result is what
+// a fresh Apply writes.
+func TestPortThenApplyListsOnce(t *testing.T) {
+	ports := []uint16{6000, 6001}
+	n, v4, v6 := newFakeNAT(t)
+	if p, err := n.Port("ns"); err != nil || p != 0 {
+		t.Fatalf("Port on a fresh namespace = %d, %v; want 0, nil", p, err)
+	}
+	if err := n.Apply("ns", ports, 4000); err != nil {
+		t.Fatal(err)
+	}
+	if v4.lists != 1 || v6.lists != 1 || v4.restores != 1 || v6.restores != 1 {
+		t.Errorf("Port then Apply: v4 %d lists %d restores, v6 %d lists %d restores; want 1 and 1 each",
+			v4.lists, v4.restores, v6.lists, v6.restores)
+	}
+	if got, want := v4.dump(), wantDump(t, ports, 4000); got != want {
+		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+	// The reading is used once: the next Apply lists again.
+	v4.lists = 0
+	if err := n.Apply("ns", ports, 4000); err != nil {
+		t.Fatal(err)
+	}
+	if v4.lists == 0 {
+		t.Error("a second Apply reused Port's old listing")
+	}
+}
+
+// TestPortReadingNotReused: Port's listing serves only an Apply of the same
+// namespace that no Clear preceded.
+func TestPortReadingNotReused(t *testing.T) {
+	t.Run("other namespace", func(t *testing.T) {
+		n, v4, _ := newFakeNAT(t)
+		n.Port("a")
+		v4.lists = 0
+		if err := n.Apply("b", []uint16{6000}, 4000); err != nil {
+			t.Fatal(err)
+		}
+		if v4.lists != 1 {
+			t.Errorf("Apply(b) after Port(a) listed %d times; want 1", v4.lists)
+		}
+	})
+	t.Run("after Clear", func(t *testing.T) {
+		n, v4, _ := newFakeNAT(t)
+		if err := n.Apply("ns", []uint16{6000}, 4000); err != nil {
+			t.Fatal(err)
+		}
+		n.Port("ns") // sees the jump and the rule
+		if err := n.Clear("ns"); err != nil {
+			t.Fatal(err)
+		}
+		// With Port's reading, Apply would delete a jump Clear removed
+		// and the restore would fail.
+		if err := n.Apply("ns", []uint16{6000}, 4000); err != nil {
+			t.Fatalf("Apply after Port and Clear: %v", err)
+		}
+		if got, want := v4.dump(), wantDump(t, []uint16{6000}, 4000); got != want {
+			t.Errorf("got\n%s\nwant\n%s", got, want)
+		}
+	})
+	t.Run("stale", func(t *testing.T) {
+		n, v4, _ := newFakeNAT(t)
+		n.Port("ns")
+		n.lastRead.at = n.lastRead.at.Add(-readReuse)
+		v4.lists = 0
+		if err := n.Apply("ns", []uint16{6000}, 4000); err != nil {
+			t.Fatal(err)
+		}
+		if v4.lists != 1 {
+			t.Errorf("Apply after a stale Port listed %d times; want 1", v4.lists)
+		}
+	})
+}

@@ -36,7 +36,9 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	goiptables "github.com/coreos/go-iptables/iptables"
 
@@ -83,7 +85,25 @@ type NAT struct {
 	do func(path string, fn func() error) error
 
 	v6Warned atomic.Bool
+
+	// lastRead is what the latest Port call listed, for the Apply that
+	// follows it on the same namespace; see Port.
+	lastMu   sync.Mutex
+	lastRead portRead
 }
+
+// portRead is one namespace's listings, as Port read them.
+type portRead struct {
+	path string
+	at   time.Time
+	v4   state
+	v6   *state // nil when Port did not list IPv6
+}
+
+// readReuse bounds how old Port's listings may be for Apply to trust them:
+// long enough to open a listener in between, too short for a stale reading
+// to outlive the container it came from.
+const readReuse = time.Second
 
 // New resolves the backend once, logs the choice once and returns a NAT for
 // it. It fails when the chosen backend's iptables programs are missing;
@@ -166,9 +186,12 @@ func (n *NAT) Apply(netnsPath string, ports []uint16, toPort uint16) error {
 	if len(want) == 0 {
 		return n.Clear(netnsPath)
 	}
-	st, err := n.read(netnsPath, n.v4)
-	if err != nil {
-		return fmt.Errorf("applying ipv4 redirect rules in %s: %w", netnsPath, err)
+	prev, havePrev := n.takeRead(netnsPath)
+	st := prev.v4
+	if !havePrev {
+		if st, err = n.read(netnsPath, n.v4); err != nil {
+			return fmt.Errorf("applying ipv4 redirect rules in %s: %w", netnsPath, err)
+		}
 	}
 	if err := n.restore(netnsPath, n.v4, applyCommands(st, want)); err != nil {
 		return fmt.Errorf("applying ipv4 redirect rules in %s: %w", netnsPath, err)
@@ -176,8 +199,9 @@ func (n *NAT) Apply(netnsPath string, ports []uint16, toPort uint16) error {
 	if n.v6 == nil {
 		return nil
 	}
-	st, err = n.read(netnsPath, n.v6)
-	if err != nil {
+	if havePrev && prev.v6 != nil {
+		st = *prev.v6
+	} else if st, err = n.read(netnsPath, n.v6); err != nil {
 		return n.v6Unusable(netnsPath, "applying ipv6 redirect rules", err)
 	}
 	if err := n.restore(netnsPath, n.v6, applyCommands(st, want)); err != nil {
@@ -192,6 +216,7 @@ func (n *NAT) Apply(netnsPath string, ports []uint16, toPort uint16) error {
 // A namespace that no longer exists (its container is gone) took its rules
 // with it, so that is success too.
 func (n *NAT) Clear(netnsPath string) error {
+	n.takeRead(netnsPath) // about to be outdated
 	if err := n.clear(netnsPath, n.v4); err != nil {
 		if _, statErr := os.Stat(netnsPath); errors.Is(statErr, fs.ErrNotExist) {
 			n.log.Debug("iptables: namespace gone, nothing to clear", "netns", netnsPath)
@@ -240,22 +265,50 @@ func (n *NAT) clear(path string, t tables) error {
 // netnsPath redirect to, or 0 when there are none, so a restarted daemon can
 // listen on the same port again and the rules of its previous run keep
 // working in the meantime. IPv4 rules are asked first, then IPv6 ones.
+//
+// An Apply to the same namespace within a second reuses what Port listed
+// instead of listing again: a new namespace then costs two iptables runs
+// fewer. The caller must not let anything else change the namespace's
+// rules in between.
 func (n *NAT) Port(netnsPath string) (uint16, error) {
 	st, err := n.read(netnsPath, n.v4)
 	if err != nil {
 		return 0, fmt.Errorf("reading ipv4 redirect rules in %s: %w", netnsPath, err)
 	}
+	r := portRead{path: netnsPath, v4: st}
 	if p := toPortOf(st.rules); p != 0 || n.v6 == nil {
+		n.keepRead(r)
 		return p, nil
 	}
-	st, err = n.read(netnsPath, n.v6)
+	st6, err := n.read(netnsPath, n.v6)
 	if err != nil {
 		if ranAndFailed(err) {
 			return 0, nil // no ip6tables nat here, so no rules either
 		}
 		return 0, fmt.Errorf("reading ipv6 redirect rules in %s: %w", netnsPath, err)
 	}
-	return toPortOf(st.rules), nil
+	r.v6 = &st6
+	n.keepRead(r)
+	return toPortOf(st6.rules), nil
+}
+
+func (n *NAT) keepRead(r portRead) {
+	r.at = time.Now()
+	n.lastMu.Lock()
+	n.lastRead = r
+	n.lastMu.Unlock()
+}
+
+// takeRead returns, once, Port's recent listings of netnsPath.
+func (n *NAT) takeRead(netnsPath string) (portRead, bool) {
+	n.lastMu.Lock()
+	defer n.lastMu.Unlock()
+	r := n.lastRead
+	if r.path != netnsPath {
+		return portRead{}, false
+	}
+	n.lastRead = portRead{}
+	return r, time.Since(r.at) < readReuse
 }
 
 // read lists what one family holds of ours: the jumps in OUTPUT and, when
