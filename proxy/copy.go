@@ -209,7 +209,9 @@ func (c *smallCopy) readFn(fd uintptr) bool {
 		}
 		// Read again even after a short read: a FIN (or reset) that came
 		// in with the bytes raised no readiness edge of its own, and only
-		// the next read reports it.
+		// the next read reports it. TCP_INQ cannot stand in for this read:
+		// its hint covers a queued FIN but not a queued reset (checked on
+		// Linux 6.18), and Go's poller drops the EPOLLERR that would.
 	}
 }
 
