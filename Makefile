@@ -50,7 +50,7 @@ $(CONSUL_BIN):
 # Fuzz budgets are execution counts, not durations: with a duration, Go 1.26's
 # fuzz coordinator can report "context deadline exceeded" as a failure when a
 # loaded machine's worker is mid-call at the deadline (go.dev/issue/75804,
-# fixed in Go 1.27). A count has no deadline to race; each budget is about 15 s
+# fixed in Go 1.27). A count has no deadline to race; each budget takes 10-25 s
 # on an idle 2-core machine.
 FUZZ = $(GO) test -run '^$$' -fuzzminimizetime 200x -fuzz
 chaos: build
