@@ -15,7 +15,8 @@
 // epoll descriptor (no thread blocked in a syscall); without it, each loop
 // blocks its locked OS thread in epoll_wait.
 //
-//	ip netns exec <client namespace> go run ./bench/evloop -nested -listen 127.0.0.1:23080 -backend 198.19.77.6:80
+//	go build -o /tmp/evloop ./bench/evloop
+//	nsenter --net=/proc/<client pid>/ns/net /tmp/evloop -nested -listen 127.0.0.1:23080 -backend 198.19.77.6:80
 package main
 
 import (
