@@ -211,6 +211,12 @@ Options (each also read from the environment variable shown; flags win):
 		}
 		fmt.Fprintf(w, "  --%s\n    \t%s (default %q)\n", f.Name, strings.ReplaceAll(f.Usage, "\n", " "), def)
 	})
+	fmt.Fprint(w, `
+Environment only:
+  GOMAXPROCS
+    	threads running Go code at once (default: half the CPUs, at least 1;
+    	the clients and backends connectable relays for share those CPUs)
+`)
 }
 
 // newLogger builds the process's logger from the configuration.

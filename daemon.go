@@ -23,8 +23,9 @@ var (
 )
 
 // daemon runs connectable until ctx ends, then removes its rules from every
-// namespace still alive and lets live connections drain.
-func daemon(ctx context.Context, c *config, logw io.Writer) error {
+// namespace still alive and lets live connections drain. procs, the Go
+// scheduler's GOMAXPROCS, is only reported.
+func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	log := newLogger(c, logw)
 	if err := preflight(); err != nil {
 		return err
@@ -72,7 +73,7 @@ func daemon(ctx context.Context, c *config, logw io.Writer) error {
 		portMode = fmt.Sprint(c.port)
 	}
 	log.Info("connectable starting", "version", version, "docker", client.Endpoint(),
-		"dns", res.Servers(), "iptables", nat.Backend(), "port", portMode, "admin", c.admin)
+		"dns", res.Servers(), "iptables", nat.Backend(), "port", portMode, "admin", c.admin, "procs", procs)
 
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)

@@ -51,7 +51,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fmt.Fprintf(stderr, "connectable: unknown command %q (see --help)\n", positional[0])
 		return 2
 	}
-	if err := daemon(ctx, c, stderr); err != nil {
+	if err := daemon(ctx, c, setProcs(getenv), stderr); err != nil {
 		fmt.Fprintf(stderr, "connectable: %v\n", err)
 		return 1
 	}

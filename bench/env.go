@@ -370,8 +370,13 @@ func (b *bench) dnsAndDaemon(ctx context.Context) error {
 		return fmt.Errorf("dnsmasq: %w", err)
 	}
 	var err error
-	b.connectable, err = b.start("connectable", "ip", "netns", "exec", b.hostNS, b.cfg.connectable,
-		"--dns", "127.0.0.1:53", "--iptables", "nft", "--admin", "", "--drain-timeout", "1s")
+	argv := []string{"ip", "netns", "exec", b.hostNS, b.cfg.connectable,
+		"--dns", "127.0.0.1:53", "--iptables", "nft", "--admin", "", "--drain-timeout", "1s"}
+	if b.cfg.gomaxprocs > 0 {
+		// env execs ip, which execs connectable: still one PID to measure.
+		argv = append([]string{"env", fmt.Sprintf("GOMAXPROCS=%d", b.cfg.gomaxprocs)}, argv...)
+	}
+	b.connectable, err = b.start("connectable", argv...)
 	return err
 }
 
@@ -447,7 +452,11 @@ func (b *bench) proxies(ctx context.Context) error {
 		{name: "connectable", web: hp(cWeb), iperf: hp(cIperf), hold: hp(cHold),
 			pids: func() []int { return tree(b.connectable.pid()) }, proc: func() *proc { return b.connectable },
 			config: func() string {
-				return "reached through localhost:<labelled port> and its REDIRECT; SRV records from dnsmasq; --iptables nft, log level info"
+				procs := "GOMAXPROCS unset (connectable's default: half the CPUs, at least 1)"
+				if b.cfg.gomaxprocs > 0 {
+					procs = fmt.Sprintf("GOMAXPROCS=%d", b.cfg.gomaxprocs)
+				}
+				return "reached through localhost:<labelled port> and its REDIRECT; SRV records from dnsmasq; --iptables nft, log level info, " + procs
 			}},
 	}
 	var chosen []contender

@@ -47,6 +47,7 @@ type config struct {
 	quick       bool
 	install     bool
 	connectable string
+	gomaxprocs  int // for connectable only; 0 leaves the variable unset
 	outDir      string
 	rounds      int
 	abDur       time.Duration
@@ -69,6 +70,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.BoolVar(&c.quick, "quick", false, "short run (under 2 minutes): fewer rounds, shorter runs, fewer containers")
 	fs.BoolVar(&c.install, "install", false, "apt-get install the tools the benchmark needs first (Debian)")
 	fs.StringVar(&c.connectable, "connectable", "bin/connectable", "the connectable binary to measure")
+	fs.IntVar(&c.gomaxprocs, "gomaxprocs", 0, "run connectable with this GOMAXPROCS (0: leave the variable unset)")
 	fs.StringVar(&c.outDir, "out", "bench/results", "directory for the Markdown results file")
 	rounds := fs.Int("rounds", 0, "rounds of the throughput workloads (0: 5, or 2 with --quick)")
 	conns := fs.Int("conns", 0, "idle connections held through each proxy (0: 2000)")
@@ -88,6 +90,9 @@ func parseFlags(args []string) (*config, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if c.gomaxprocs < 0 {
+		return nil, fmt.Errorf("-gomaxprocs %d: want 0 (unset) or more", c.gomaxprocs)
 	}
 	if c.quick {
 		c.rounds, c.abDur, c.wrkDur, c.iperfDur = 2, 2*time.Second, 2*time.Second, 2*time.Second
