@@ -143,10 +143,35 @@ func startDaemon(t *testing.T, dnsAddr string, extra ...string) *daemon {
 	t.Cleanup(func() {
 		d.stop(syscall.SIGTERM)
 		if t.Failed() {
-			t.Logf("connectable logs:\n%s", d.logs.String())
+			d.dumpLogs()
 		}
 	})
 	return d
+}
+
+// logTail is how many of the daemon's last log lines a failed test prints.
+// CI shows only the end of a failed test's output, and the test's own
+// failure messages come before the logs: a whole churn's logs would push
+// them out of sight.
+const logTail = 60
+
+// dumpLogs prints the end of the daemon's logs into the test's output and
+// keeps all of them in a file, whose name it prints.
+func (d *daemon) dumpLogs() {
+	logs := d.logs.String()
+	lines := strings.SplitAfter(strings.TrimSuffix(logs, "\n"), "\n")
+	if len(lines) <= logTail {
+		d.t.Logf("connectable logs:\n%s", logs)
+		return
+	}
+	where := "not kept"
+	if f, err := os.CreateTemp("", "connectable-e2e-*.log"); err == nil {
+		_, werr := f.WriteString(logs)
+		if cerr := f.Close(); werr == nil && cerr == nil {
+			where = "all in " + f.Name()
+		}
+	}
+	d.t.Logf("connectable logs, last %d of %d lines (%s):\n%s", logTail, len(lines), where, strings.Join(lines[len(lines)-logTail:], ""))
 }
 
 // stop signals the daemon and waits for it to exit; it returns the exit code.
