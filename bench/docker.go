@@ -11,7 +11,6 @@ import (
 	"net/url"
 	"os"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/connectable/connectable/internal/testenv"
@@ -103,29 +102,18 @@ func (d *dockerAPI) pid(ctx context.Context, id string) (int, error) {
 	return out.State.Pid, nil
 }
 
-// removeAll force-removes containers, a few at a time.
+// removeAll force-removes containers one at a time. Each removal returns
+// once the engine has cleaned the container's network up, so no two of those
+// clean-ups overlap: on Docker 20.10 two of them can deadlock the engine for
+// good (moby/moby#46661; seen here once, with 50 removed at once).
 func (d *dockerAPI) removeAll(ctx context.Context, ids []string) error {
-	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		errs []error
-		sem  = make(chan struct{}, 8)
-	)
+	var errs []error
 	for _, id := range ids {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			err := d.do(ctx, "DELETE", "/containers/"+id+"?force=1&v=1", nil, nil)
-			if err != nil && !strings.Contains(err.Error(), "404") {
-				mu.Lock()
-				errs = append(errs, err)
-				mu.Unlock()
-			}
-		}()
+		err := d.do(ctx, "DELETE", "/containers/"+id+"?force=1&v=1", nil, nil)
+		if err != nil && !strings.Contains(err.Error(), "404") {
+			errs = append(errs, err)
+		}
 	}
-	wg.Wait()
 	if len(errs) > 0 {
 		return fmt.Errorf("%d of %d removals failed, first: %w", len(errs), len(ids), errs[0])
 	}

@@ -1,9 +1,9 @@
 package e2e
 
 import (
+	"errors"
 	"flag"
 	"fmt"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -34,20 +34,11 @@ func TestChaosChurn(t *testing.T) {
 	served, failedRuns := 0, 0
 	var peak figures
 	for done := 0; done < *churnCycles; done += churnBatch {
-		n := min(churnBatch, *churnCycles-done)
-		ids := make([]string, n)
-		var wg sync.WaitGroup
-		for i := range ids {
-			wg.Go(func() {
-				out, err := exec.Command("docker", "run", "-d", "--label", testenv.TestLabel, "--label", "chaos.churn="+tag,
-					"-l", "connect.6000=web.service.test", "-l", fmt.Sprintf("connect.%d=web.service.test", 7000+i),
-					image, "sleep", "3600").Output()
-				if err == nil {
-					ids[i] = strings.TrimSpace(string(out))
-				}
-			})
-		}
-		wg.Wait()
+		ids := runAtOnce(t, min(churnBatch, *churnCycles-done), func(i int) []string {
+			return []string{"run", "-d", "--label", testenv.TestLabel, "--label", "chaos.churn=" + tag,
+				"-l", "connect.6000=web.service.test", "-l", fmt.Sprintf("connect.%d=web.service.test", 7000+i),
+				image, "sleep", "3600"}
+		})
 		var live []string
 		for _, id := range ids {
 			if id == "" {
@@ -66,10 +57,10 @@ func TestChaosChurn(t *testing.T) {
 		if f := measure(t, d); f.fds > peak.fds {
 			peak = f
 		}
-		if len(live) > 0 {
-			if out, err := exec.Command("docker", append([]string{"rm", "-f"}, live...)...).CombinedOutput(); err != nil {
-				t.Fatalf("docker rm: %v: %s", err, out)
-			}
+		// One at a time: removing 50 at once once deadlocked this
+		// machine's engine (see testenv.DockerTimeout).
+		if err := testenv.RemoveContainers(live...); err != nil {
+			t.Fatal(err)
 		}
 	}
 	churnFor := time.Since(start)
@@ -106,9 +97,34 @@ func TestChaosChurn(t *testing.T) {
 	}
 }
 
+// runAtOnce runs n docker commands at the same time, the i-th with args(i),
+// and returns what each printed, trimmed; "" where one failed. A failure is
+// part of the chaos, unless the engine stopped answering: then the test ends.
+func runAtOnce(t *testing.T, n int, args func(i int) []string) []string {
+	t.Helper()
+	outs := make([]string, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			out, err := testenv.Docker(args(i)...)
+			if errs[i] = err; err == nil {
+				outs[i] = strings.TrimSpace(string(out))
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if errors.Is(err, testenv.ErrDockerStuck) {
+			t.Fatal(err)
+		}
+	}
+	return outs
+}
+
 // netnsOfQuiet is netnsOf without failing the test.
 func netnsOfQuiet(id string) (string, error) {
-	out, err := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", id).Output()
+	out, err := testenv.Docker("inspect", "-f", "{{.State.Pid}}", id)
 	if err != nil {
 		return "", err
 	}
@@ -121,16 +137,14 @@ func netnsOfQuiet(id string) (string, error) {
 
 // removeLabelled removes every container carrying label.
 func removeLabelled(t *testing.T, label string) {
-	out, err := exec.Command("docker", "ps", "-aq", "--filter", "label="+label).Output()
+	out, err := testenv.Docker("ps", "-aq", "--filter", "label="+label)
 	if err != nil {
-		t.Errorf("listing containers %s: %v", label, err)
+		t.Error(err)
 		return
 	}
-	if ids := strings.Fields(string(out)); len(ids) > 0 {
-		// Containers run with --rm may be going away by themselves.
-		if out, err := exec.Command("docker", append([]string{"rm", "-f"}, ids...)...).CombinedOutput(); err != nil {
-			t.Logf("removing containers %s: %v: %s", label, err, out)
-		}
+	// Containers run with --rm may be going away by themselves.
+	if err := testenv.RemoveContainers(strings.Fields(string(out))...); err != nil {
+		t.Logf("removing containers %s: %v", label, err)
 	}
 }
 
@@ -148,18 +162,15 @@ func TestChaosDyingContainers(t *testing.T) {
 	start := time.Now()
 	started := 0
 	for r := range rounds {
-		var wg sync.WaitGroup
-		for i := range parallel {
+		runAtOnce(t, parallel, func(i int) []string {
 			args := []string{"run", "-d", "--label", testenv.TestLabel, "--label", "chaos.dying=" + tag,
 				"-l", "connect.6000=web.service.test"}
 			if i%2 == 0 {
 				args = append(args, "--rm")
 			}
-			args = append(args, image, "sh", "-c", scripts[(r+i)%len(scripts)])
-			started++
-			wg.Go(func() { _ = exec.Command("docker", args...).Run() })
-		}
-		wg.Wait()
+			return append(args, image, "sh", "-c", scripts[(r+i)%len(scripts)])
+		})
+		started += parallel
 	}
 	t.Logf("%d containers that die within 0-50ms of starting, started in %v", started, time.Since(start).Round(time.Millisecond))
 	removeLabelled(t, "chaos.dying="+tag)

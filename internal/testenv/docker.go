@@ -3,6 +3,8 @@ package testenv
 import (
 	"archive/tar"
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -120,6 +122,52 @@ func buildBusyboxImage() error {
 	return nil
 }
 
+// DockerTimeout bounds one docker command of a test. The engine here answers
+// in well under a second; one that has not answered in minutes is stuck. The
+// Docker 20.10 engine of this machine's kind can deadlock for good when
+// containers exit at the same moment (a lock-order cycle in libnetwork between
+// two exits' network clean-ups, moby/moby#46661, fixed after 20.10.24; seen
+// here once, in `docker rm -f` of 50 containers at once).
+const DockerTimeout = 2 * time.Minute
+
+// ErrDockerStuck is the error of a docker command that outlived DockerTimeout.
+var ErrDockerStuck = errors.New("the Docker engine looks stuck (20.10 can deadlock when containers exit at once, " +
+	"moby/moby#46661); kill -USR1 dockerd for its goroutine dump, and restart it")
+
+// Docker runs the docker CLI and returns what it printed on stdout. A failure
+// carries its stderr, and a command that outlives DockerTimeout is killed and
+// reported as the engine being stuck, with what to do about it, rather than
+// hanging the test binary until go test's own timeout.
+func Docker(args ...string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), DockerTimeout)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, "docker", args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	switch {
+	case ctx.Err() != nil:
+		return stdout.Bytes(), fmt.Errorf("docker %s: no answer within %v: %w", strings.Join(args, " "), DockerTimeout, ErrDockerStuck)
+	case err != nil:
+		return stdout.Bytes(), fmt.Errorf("docker %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	return stdout.Bytes(), nil
+}
+
+// RemoveContainers removes containers with docker rm -f, one at a time:
+// each removal returns once the engine has cleaned the container's network
+// up, so no two of them run that clean-up at once (see DockerTimeout). A
+// container that is gone already is not an error.
+func RemoveContainers(ids ...string) error {
+	var errs []error
+	for _, id := range ids {
+		if _, err := Docker("rm", "-f", id); err != nil && !strings.Contains(err.Error(), "No such container") {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // RunContainer runs `docker run -d --label connectable.test=1 <args>` and
 // returns the new container's full ID. The container is removed (docker rm
 // -f) when the test ends, also when docker run itself fails after creating
@@ -135,18 +183,15 @@ func RunContainer(t testing.TB, args ...string) string {
 	}
 	full = append(full, args...)
 	t.Cleanup(func() {
-		if out, err := exec.Command("docker", "rm", "-f", name).CombinedOutput(); err != nil &&
-			!bytes.Contains(out, []byte("No such container")) {
-			t.Errorf("docker rm -f %s: %v: %s", name, err, bytes.TrimSpace(out))
+		if err := RemoveContainers(name); err != nil {
+			t.Error(err)
 		}
 	})
-	var stdout, stderr bytes.Buffer
-	cmd := exec.Command("docker", full...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("docker %s: %v: %s", strings.Join(full, " "), err, bytes.TrimSpace(stderr.Bytes()))
+	out, err := Docker(full...)
+	if err != nil {
+		t.Fatal(err)
 	}
-	id := strings.TrimSpace(stdout.String())
+	id := strings.TrimSpace(string(out))
 	if id == "" {
 		t.Fatalf("docker %s printed no container ID", strings.Join(full, " "))
 	}
