@@ -125,9 +125,10 @@ func buildBusyboxImage() error {
 // DockerTimeout bounds one docker command of a test. The engine here answers
 // in well under a second; one that has not answered in minutes is stuck. The
 // Docker 20.10 engine of this machine's kind can deadlock for good when
-// containers exit at the same moment (a lock-order cycle in libnetwork between
-// two exits' network clean-ups, moby/moby#46661, fixed after 20.10.24; seen
-// here once, in `docker rm -f` of 50 containers at once).
+// containers exit at the same moment: a lock-order cycle in libnetwork between
+// two exits' network clean-ups (getNetworksFromStore against getSvcRecords),
+// of the kind reported in moby/moby#46661. Seen here once, on 20.10.24, in
+// `docker rm -f` of 50 containers at once.
 const DockerTimeout = 2 * time.Minute
 
 // ErrDockerStuck is the error of a docker command that outlived DockerTimeout.
