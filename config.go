@@ -143,17 +143,14 @@ func (v *optionValue) Set(s string) error {
 }
 
 // parseConfig reads the environment (through getenv) and then args, which
-// may hold flags before and after positional arguments. only limits the
-// flags accepted (nil: all). It returns the positional arguments.
-func parseConfig(name string, args []string, getenv func(string) string, only []string, stderr io.Writer) (*config, []string, error) {
+// may hold flags before and after positional arguments. It returns the
+// positional arguments.
+func parseConfig(name string, args []string, getenv func(string) string, stderr io.Writer) (*config, []string, error) {
 	c := &config{}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	for i := range options {
 		o := &options[i]
-		if only != nil && !contains(only, o.name) {
-			continue
-		}
 		v := &optionValue{c: c, opt: o}
 		if err := v.Set(o.def); err != nil {
 			return nil, nil, fmt.Errorf("default of --%s: %w", o.name, err) // a bug, caught by tests
@@ -179,15 +176,6 @@ func parseConfig(name string, args []string, getenv func(string) string, only []
 		args = args[1:]
 	}
 	return c, positional, nil
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 func usage(fs *flag.FlagSet, w io.Writer) {

@@ -19,7 +19,7 @@ func env(kv ...string) func(string) string {
 }
 
 func TestParseConfigDefaults(t *testing.T) {
-	c, pos, err := parseConfig("connectable", nil, env(), nil, &bytes.Buffer{})
+	c, pos, err := parseConfig("connectable", nil, env(), &bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,7 +34,7 @@ func TestParseConfigEnvAndFlags(t *testing.T) {
 		[]string{"redis.service.consul", "--dns", "127.0.0.1:8600", "--port=7000"},
 		env("PORT", "6500", "CONNECTABLE_CONNECT_TIMEOUT", "750ms", "DOCKER_HOST", "tcp://127.0.0.1:2375",
 			"CONNECTABLE_DNS", "192.0.2.1"),
-		nil, &bytes.Buffer{})
+		&bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,7 +76,7 @@ func TestParseConfigInvalid(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stderr bytes.Buffer
-			_, _, err := parseConfig("connectable", tc.args, env(tc.env...), nil, &stderr)
+			_, _, err := parseConfig("connectable", tc.args, env(tc.env...), &stderr)
 			if err == nil {
 				t.Fatalf("no error")
 			}
@@ -89,17 +89,17 @@ func TestParseConfigInvalid(t *testing.T) {
 
 func TestRunExitCodes(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		args []string
-		code int
-		out  string
+		name        string
+		args        []string
+		code        int
+		out, errOut string // what stdout and stderr must contain
 	}{
-		{"version", []string{"version"}, 0, "connectable dev"},
-		{"help", []string{"--help"}, 0, ""},
-		{"invalid flag", []string{"--port", "x"}, 2, ""},
-		{"unknown command", []string{"frobnicate"}, 2, ""},
-		{"resolve without name", []string{"resolve"}, 2, ""},
-		{"resolve invalid name", []string{"resolve", "not a name"}, 2, ""},
+		{"version", []string{"version"}, 0, "connectable dev", ""},
+		{"help", []string{"--help"}, 0, "", "Usage:\n  connectable [options]"},
+		{"invalid flag", []string{"--port", "x"}, 2, "", `invalid value "x" for flag -port`},
+		{"unknown command", []string{"frobnicate"}, 2, "", `unknown command "frobnicate"`},
+		{"resolve without name", []string{"resolve"}, 2, "", "usage: connectable resolve NAME"},
+		{"resolve invalid name", []string{"resolve", "not a name"}, 2, "", "not a name"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
@@ -109,6 +109,12 @@ func TestRunExitCodes(t *testing.T) {
 			}
 			if !strings.Contains(stdout.String(), tc.out) {
 				t.Errorf("stdout %q, want it to contain %q", stdout.String(), tc.out)
+			}
+			if !strings.Contains(stderr.String(), tc.errOut) {
+				t.Errorf("stderr %q, want it to contain %q", stderr.String(), tc.errOut)
+			}
+			if tc.code == 0 && tc.out == "" && stdout.Len() != 0 {
+				t.Errorf("stdout %q; want nothing", stdout.String())
 			}
 		})
 	}

@@ -6,20 +6,21 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"time"
 
 	"github.com/connectable/connectable/admin"
 	"github.com/connectable/connectable/docker"
 	"github.com/connectable/connectable/iptables"
 	"github.com/connectable/connectable/proxy"
+	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/resolver"
 )
 
 var (
 	_ proxy.Resolver   = (*resolver.Resolver)(nil)
 	_ proxy.Redirector = (*iptables.NAT)(nil)
-	_ docker.Sink      = (*proxy.Server)(nil)
+	_ reconcile.Path   = (*proxy.Server)(nil)
+	_ docker.Sink      = (*reconcile.Reconciler)(nil)
 )
 
 // daemon runs connectable until ctx ends, then removes its rules from every
@@ -38,12 +39,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("setting up iptables: %w", err)
 	}
-	if c.dockerHost != "" {
-		// go-dockerclient reads the endpoint, and TLS settings with it, from
-		// the environment; the flag wins over the variable.
-		os.Setenv("DOCKER_HOST", c.dockerHost)
-	}
-	client, err := docker.NewClient()
+	client, err := docker.NewClient(c.dockerHost)
 	if err != nil {
 		return fmt.Errorf("connecting to Docker: %w", err)
 	}
@@ -57,17 +53,16 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		HalfCloseTimeout: c.halfClose,
 		Logger:           log,
 	}
-	adm := admin.New(version, log)
-	adm.Proxy, adm.Resolver = srv, res
+	rec := reconcile.New(reconcile.Config{Paths: []reconcile.Path{srv}, Logger: log})
 	w := docker.NewWatcher(docker.Config{
 		Client:         client,
-		Sink:           adm.TimeSetup(srv),
+		Sink:           rec,
 		Validate:       resolver.Validate,
 		ResyncInterval: c.resync,
 		SelfID:         docker.SelfContainerID(),
 		Logger:         log,
 	})
-	adm.Watcher = w
+	adm := admin.New(admin.Config{Version: version, Proxy: srv, Resolver: res, Watcher: w, Reconciler: rec, Logger: log})
 	portMode := "ephemeral"
 	if c.port != 0 {
 		portMode = fmt.Sprint(c.port)
@@ -90,6 +85,9 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	}
 	runErr := w.Run(ctx)
 	cancel()
+	// Set-ups in flight are cancelled first, so that the relay's teardown
+	// sees every namespace that was set up.
+	rec.Close()
 	closeErr := srv.Close()
 	if err := <-adminDone; err != nil {
 		log.Warn("admin endpoint stopped", "err", err)

@@ -49,8 +49,8 @@ func FuzzParseConfig(f *testing.F) {
 			}
 		}
 		getenv := func(k string) string { return vars[k] }
-		c, pos, err := parseConfig("connectable", args, getenv, nil, io.Discard)
-		c2, pos2, err2 := parseConfig("connectable", args, getenv, nil, io.Discard)
+		c, pos, err := parseConfig("connectable", args, getenv, io.Discard)
+		c2, pos2, err2 := parseConfig("connectable", args, getenv, io.Discard)
 		if (err == nil) != (err2 == nil) || !reflect.DeepEqual(c, c2) || !reflect.DeepEqual(pos, pos2) {
 			t.Fatalf("two parses differ: %+v %v %v / %+v %v %v", c, pos, err, c2, pos2, err2)
 		}

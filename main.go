@@ -34,7 +34,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fmt.Fprintln(stdout, "connectable", version)
 		return 0
 	}
-	c, positional, err := parseConfig("connectable", args, getenv, nil, stderr)
+	c, positional, err := parseConfig("connectable", args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}

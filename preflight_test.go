@@ -1,9 +1,15 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"slices"
+	"strings"
 	"testing"
+
+	"github.com/connectable/connectable/internal/testenv"
 )
 
 func TestMissingCaps(t *testing.T) {
@@ -54,17 +60,57 @@ func TestHostPIDs(t *testing.T) {
 	}
 }
 
-// The machine running the tests is the host: preflight passes as root.
+// TestPreflightHere runs the real checks three ways on this machine: as root
+// on the host they pass; the same test binary without CAP_NET_ADMIN and
+// CAP_SYS_ADMIN, or as PID 1 of a PID namespace of its own, fails with the
+// remedy named.
 func TestPreflightHere(t *testing.T) {
-	status, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		t.Fatal(err)
+	if os.Getenv(preflightChild) == "1" {
+		if err := preflight(); err != nil {
+			fmt.Println(err)
+			os.Exit(3)
+		}
+		os.Exit(0)
 	}
-	missing, err := missingCaps(string(status))
-	if err != nil {
-		t.Fatal(err)
+	testenv.NeedRoot(t)
+	testenv.NeedCommand(t, "setpriv", "unshare")
+	if err := preflight(); err != nil {
+		t.Fatalf("preflight() as root on the host = %v; want nil", err)
 	}
-	if err := preflight(); (err == nil) != (len(missing) == 0 && hostPIDs(1<<30, 1<<30, readComm)) {
-		t.Errorf("preflight() = %v with missing capabilities %v", err, missing)
+	child := func(wrapper ...string) (string, int) {
+		t.Helper()
+		args := append(wrapper, os.Args[0], "-test.run=^TestPreflightHere$")
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.Env = append(os.Environ(), preflightChild+"=1")
+		out, err := cmd.CombinedOutput()
+		var exit *exec.ExitError
+		if err != nil && !errors.As(err, &exit) {
+			t.Fatalf("%v: %v: %s", args, err, out)
+		}
+		return string(out), cmd.ProcessState.ExitCode()
+	}
+	for _, tc := range []struct {
+		name    string
+		wrapper []string
+		want    []string
+	}{
+		{"without the capabilities", []string{"setpriv", "--bounding-set", "-net_admin,-sys_admin", "--inh-caps", "-net_admin,-sys_admin", "--"},
+			[]string{"missing capabilities CAP_NET_ADMIN, CAP_SYS_ADMIN", "--cap-add NET_ADMIN"}},
+		{"in a PID namespace of its own", []string{"unshare", "--pid", "--fork", "--mount-proc", "--"},
+			[]string{"the host's processes are not visible", "--pid=host"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, code := child(tc.wrapper...)
+			if code != 3 {
+				t.Fatalf("preflight passed (exit %d); want a failure: %s", code, out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("preflight said %q; want it to contain %q", out, w)
+				}
+			}
+		})
 	}
 }
+
+const preflightChild = "CONNECTABLE_TEST_PREFLIGHT_CHILD"

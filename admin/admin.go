@@ -3,15 +3,15 @@
 // no request changes the daemon's state, so exposing it (on loopback by
 // default) cannot be used to redirect traffic.
 //
-// It reads snapshots from the proxy, the resolver and the Docker watcher when
-// a request arrives; nothing is counted on the connection path for it.
+// It reads snapshots from the proxy, the resolver, the Docker watcher and the
+// reconciler when a request arrives, through interfaces it declares; nothing
+// is counted on the connection path for it, and no request waits for a
+// namespace's set-up.
 //
-// Typical usage:
+// Typical usage, once the sources exist:
 //
-//	a := admin.New(version, logger)
-//	a.Proxy, a.Resolver = srv, res
-//	a.Watcher = docker.NewWatcher(docker.Config{Sink: a.TimeSetup(srv), ...})
-//	go a.Serve(ctx, "127.0.0.1:9876")
+//	a := admin.New(admin.Config{Version: version, Proxy: srv, Resolver: res, Watcher: w, Reconciler: rec})
+//	go a.ServeListener(ctx, ln)
 package admin
 
 import (
@@ -30,6 +30,7 @@ import (
 
 	"github.com/connectable/connectable/docker"
 	"github.com/connectable/connectable/proxy"
+	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/resolver"
 )
 
@@ -48,48 +49,45 @@ type Resolver interface {
 type Watcher interface {
 	Healthy() bool
 	Stats() docker.Stats
-	Namespaces() []docker.Namespace
 }
 
-// Sink is the Docker watcher's view of the proxy, which TimeSetup wraps.
-type Sink interface {
-	Apply(ctx context.Context, key, netns string, routes map[uint16]string) error
-	Remove(ctx context.Context, key string) error
+// Reconciler is what the admin endpoint reads from the reconciler: each
+// namespace's desired state and how its set-up went.
+type Reconciler interface {
+	Status() []reconcile.Status
+	SetupTimes() reconcile.Histogram
 }
 
-// Admin serves the admin endpoint. Set its sources before serving; a nil
-// source leaves its part out.
+// Config names the endpoint's sources. A nil source leaves its part out.
+type Config struct {
+	Version    string
+	Proxy      Proxy
+	Resolver   Resolver
+	Watcher    Watcher
+	Reconciler Reconciler
+	// Logger optionally receives the endpoint's logs; if nil, slog.Default().
+	Logger *slog.Logger
+}
+
+// Admin serves the admin endpoint. Create it with New.
 type Admin struct {
-	Proxy    Proxy
-	Resolver Resolver
-	Watcher  Watcher
-
-	version string
-	log     *slog.Logger
-
+	cfg      Config
+	log      *slog.Logger
 	registry *prometheus.Registry
-	setup    prometheus.Histogram
 	mux      *http.ServeMux
 }
 
-// New returns an Admin for the given version, with no sources yet.
-func New(version string, log *slog.Logger) *Admin {
+// New returns an Admin reading from the sources in cfg.
+func New(cfg Config) *Admin {
+	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	a := &Admin{version: version, log: log.With("component", "admin")}
-	a.setup = prometheus.NewHistogram(prometheus.HistogramOpts{
-		Name: "connectable_setup_seconds",
-		Help: "Time to set up or update one network namespace (listeners, iptables rules, routes).",
-		// From the few milliseconds a namespace takes to the Docker
-		// timeouts a stuck one hits.
-		Buckets: []float64{.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10},
-	})
+	a := &Admin{cfg: cfg, log: log.With("component", "admin")}
 	a.registry = prometheus.NewRegistry()
 	a.registry.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		a.setup,
 		&collector{a: a},
 	)
 	a.mux = http.NewServeMux()
@@ -101,15 +99,6 @@ func New(version string, log *slog.Logger) *Admin {
 
 // Handler returns the endpoint's HTTP handler. Only GET is served.
 func (a *Admin) Handler() http.Handler { return a.mux }
-
-// Serve listens on addr and serves the endpoint until ctx ends.
-func (a *Admin) Serve(ctx context.Context, addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("admin endpoint: %w", err)
-	}
-	return a.ServeListener(ctx, ln)
-}
 
 // ServeListener serves the endpoint on ln until ctx ends, then closes it.
 func (a *Admin) ServeListener(ctx context.Context, ln net.Listener) error {
@@ -130,27 +119,9 @@ func (a *Admin) ServeListener(ctx context.Context, ln net.Listener) error {
 	return err
 }
 
-// TimeSetup wraps the Docker watcher's sink so every Apply is timed into the
-// connectable_setup_seconds histogram.
-func (a *Admin) TimeSetup(next Sink) Sink { return &timedSink{next: next, h: a.setup} }
-
-type timedSink struct {
-	next Sink
-	h    prometheus.Histogram
-}
-
-func (t *timedSink) Apply(ctx context.Context, key, netns string, routes map[uint16]string) error {
-	start := time.Now()
-	err := t.next.Apply(ctx, key, netns, routes)
-	t.h.Observe(time.Since(start).Seconds())
-	return err
-}
-
-func (t *timedSink) Remove(ctx context.Context, key string) error { return t.next.Remove(ctx, key) }
-
 func (a *Admin) serveHealth(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	if a.Watcher == nil || !a.Watcher.Healthy() {
+	if a.cfg.Watcher == nil || !a.cfg.Watcher.Healthy() {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		fmt.Fprintln(w, "unhealthy: the Docker event stream is down or the last resync failed")
 		return

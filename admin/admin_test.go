@@ -9,9 +9,11 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/connectable/connectable/docker"
 	"github.com/connectable/connectable/proxy"
+	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/resolver"
 )
 
@@ -47,19 +49,27 @@ type fakeWatcher struct{ healthy bool }
 
 func (w fakeWatcher) Healthy() bool     { return w.healthy }
 func (fakeWatcher) Stats() docker.Stats { return docker.Stats{Reconnects: 1, Resyncs: 4} }
-func (fakeWatcher) Namespaces() []docker.Namespace {
-	return []docker.Namespace{
-		{Key: "abc123abc123ffff", Path: "/proc/42/ns/net", Containers: []docker.Container{{ID: "abc123abc123", Name: "app"}},
-			Routes: map[uint16]string{6000: "web"}},
-		{Key: "def456def456ffff", Path: "/proc/43/ns/net", Containers: []docker.Container{{ID: "def456def456", Name: "broken"}},
-			Routes: map[uint16]string{7000: "db"}, Err: "listening in namespace: no such file"},
+
+type fakeReconciler struct{}
+
+func (fakeReconciler) Status() []reconcile.Status {
+	return []reconcile.Status{
+		{Namespace: reconcile.Namespace{Key: "abc123abc123ffff", Path: "/proc/42/ns/net",
+			Containers: []reconcile.Container{{ID: "abc123abc123", Name: "app"}}, Routes: map[uint16]string{6000: "web"}},
+			Applied: true, Setup: 3 * time.Millisecond},
+		{Namespace: reconcile.Namespace{Key: "def456def456ffff", Path: "/proc/43/ns/net",
+			Containers: []reconcile.Container{{ID: "def456def456", Name: "broken"}}, Routes: map[uint16]string{7000: "db"}},
+			Err: "listening in namespace: no such file"},
 	}
 }
 
+func (fakeReconciler) SetupTimes() reconcile.Histogram {
+	return reconcile.Histogram{Bounds: []float64{.01, .1}, Counts: []uint64{2, 3}, Count: 4, Sum: 1.5}
+}
+
 func newAdmin(healthy bool) *Admin {
-	a := New("v1", nil)
-	a.Proxy, a.Resolver, a.Watcher = fakeProxy{}, fakeResolver{}, fakeWatcher{healthy}
-	return a
+	return New(Config{Version: "v1", Proxy: fakeProxy{}, Resolver: fakeResolver{}, Watcher: fakeWatcher{healthy},
+		Reconciler: fakeReconciler{}})
 }
 
 func get(t *testing.T, a *Admin, method, path string) (int, string) {
@@ -70,7 +80,7 @@ func get(t *testing.T, a *Admin, method, path string) (int, string) {
 	return rec.Code, string(body)
 }
 
-func TestStatusJoinsWatcherAndProxy(t *testing.T) {
+func TestStatusJoinsReconcilerAndProxy(t *testing.T) {
 	code, body := get(t, newAdmin(true), http.MethodGet, "/status")
 	if code != http.StatusOK {
 		t.Fatalf("/status: %d %s", code, body)
@@ -126,6 +136,9 @@ func TestMetrics(t *testing.T) {
 		`connectable_dns_lookups_total{result="hit"} 5`,
 		`connectable_docker_reconnects_total 1`,
 		`connectable_build_info{version="v1"} 1`,
+		`connectable_setup_seconds_bucket{le="0.1"} 3`,
+		`connectable_setup_seconds_bucket{le="+Inf"} 4`,
+		`connectable_setup_seconds_count 4`,
 	} {
 		if !strings.Contains(page, want+"\n") {
 			t.Errorf("/metrics lacks %s", want)

@@ -35,12 +35,13 @@ var (
 	dockerReconn   = desc("docker_reconnects_total", "Docker event-stream subscriptions after the first.")
 	dockerResyncs  = desc("docker_resyncs_total", "Full resynchronisations with the Docker Engine.")
 	dockerResyncKO = desc("docker_resync_errors_total", "Full resynchronisations that failed.")
+	setupSeconds   = desc("setup_seconds", "Time to set up or update one network namespace on every data path (listeners, iptables rules, routes).")
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{buildInfo, accepted, active, failed, rejected, bytesTotal, dialFailures,
 		failovers, namespaces, ports, dnsLookups, dnsStale, dnsQueries, dnsErrors, dnsTruncated, dnsSeconds,
-		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO} {
+		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO, setupSeconds} {
 		ch <- d
 	}
 }
@@ -52,8 +53,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
-	gauge(buildInfo, 1, c.a.version)
-	if p := c.a.Proxy; p != nil {
+	gauge(buildInfo, 1, c.a.cfg.Version)
+	if p := c.a.cfg.Proxy; p != nil {
 		st := p.Stats()
 		for svc, s := range st.Services {
 			counter(accepted, float64(s.Accepted), svc)
@@ -75,7 +76,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(ports, float64(n))
 	}
-	if r := c.a.Resolver; r != nil {
+	if r := c.a.cfg.Resolver; r != nil {
 		st := r.Stats()
 		counter(dnsLookups, float64(st.CacheHits), "hit")
 		counter(dnsLookups, float64(st.CacheMisses), "miss")
@@ -86,7 +87,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(dnsTruncated, float64(st.Truncated))
 		counter(dnsSeconds, st.QueryTime.Seconds())
 	}
-	if w := c.a.Watcher; w != nil {
+	if w := c.a.cfg.Watcher; w != nil {
 		up := 0.0
 		if w.Healthy() {
 			up = 1
@@ -96,5 +97,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(dockerReconn, float64(st.Reconnects))
 		counter(dockerResyncs, float64(st.Resyncs))
 		counter(dockerResyncKO, float64(st.ResyncErrors))
+	}
+	if r := c.a.cfg.Reconciler; r != nil {
+		h := r.SetupTimes()
+		buckets := make(map[float64]uint64, len(h.Bounds))
+		for i, b := range h.Bounds {
+			buckets[b] = h.Counts[i]
+		}
+		ch <- prometheus.MustNewConstHistogram(setupSeconds, h.Count, h.Sum, buckets)
 	}
 }

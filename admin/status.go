@@ -53,10 +53,10 @@ type Endpoint struct {
 	LastError string    `json:"last_error,omitempty"`
 }
 
-// Status assembles the live state: the namespaces the watcher wants, joined
-// with what the proxy serves in each.
+// Status assembles the live state: the namespaces the reconciler is asked
+// to set up, joined with what the proxy serves in each.
 func (a *Admin) Status() Status {
-	st := Status{Version: a.version, Namespaces: []Namespace{}}
+	st := Status{Version: a.cfg.Version, Namespaces: []Namespace{}}
 	byKey := map[string]*Namespace{}
 	get := func(key string) *Namespace {
 		if byKey[key] == nil {
@@ -64,9 +64,11 @@ func (a *Admin) Status() Status {
 		}
 		return byKey[key]
 	}
-	if a.Watcher != nil {
-		st.Healthy = a.Watcher.Healthy()
-		for _, w := range a.Watcher.Namespaces() {
+	if a.cfg.Watcher != nil {
+		st.Healthy = a.cfg.Watcher.Healthy()
+	}
+	if a.cfg.Reconciler != nil {
+		for _, w := range a.cfg.Reconciler.Status() {
 			ns := get(w.Key)
 			ns.NetNS, ns.Error = w.Path, w.Err
 			for _, c := range w.Containers {
@@ -77,8 +79,8 @@ func (a *Admin) Status() Status {
 			}
 		}
 	}
-	if a.Proxy != nil {
-		for _, p := range a.Proxy.Namespaces() {
+	if a.cfg.Proxy != nil {
+		for _, p := range a.cfg.Proxy.Namespaces() {
 			ns := get(p.Key)
 			ns.NetNS, ns.ProxyPort, ns.IPv6, ns.Active = p.NetNS, p.Port, p.IPv6, p.Active
 			// The proxy's routes are what is served now; they win.

@@ -1,8 +1,15 @@
-// Package docker owns connectable's view of the Docker Engine: it follows
-// container events, reads each running container's connect.<port>=<service>
-// labels, and keeps, per network namespace, the desired port → service routes
-// of every container in it. It hands that state to a Sink, which installs the
-// listeners and rules; this package never touches a namespace itself.
+// Package docker owns connectable's view of the Docker Engine: the engine
+// session (events, with re-subscription and resync), the inspection of
+// containers, and the cache of what is true of each running container that
+// matters. From that cache it computes the desired state of every network
+// namespace (desired.go) and hands it, whole, to a Sink; it never touches a
+// namespace itself and never waits for one to be set up.
+//
+// Files: docker.go (the session: events, resyncs), inspect.go (inspections
+// off the event path, with bounded concurrency), cache.go (the container
+// cache), desired.go (containers → desired state, a pure function),
+// labels.go (connect.<port> labels), engine.go (the client's quirks),
+// self.go (the daemon's own container).
 //
 // A namespace is named by a key, the ID of the container that owns it (for
 // --network container:<id>, the container named there), and found at
@@ -11,13 +18,13 @@
 //
 // Typical usage:
 //
-//	client, err := docker.NewClient() // DOCKER_HOST etc.
+//	client, err := docker.NewClient("") // DOCKER_HOST etc.
 //	if err != nil {
 //		return err
 //	}
 //	w := docker.NewWatcher(docker.Config{
 //		Client: client,
-//		Sink:   srv, // e.g. *proxy.Server
+//		Sink:   rec, // e.g. *reconcile.Reconciler
 //		SelfID: docker.SelfContainerID(),
 //		Logger: logger,
 //	})
@@ -30,36 +37,36 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	dockerapi "github.com/fsouza/go-dockerclient"
+
+	"github.com/connectable/connectable/reconcile"
 )
 
-// Sink receives the desired state of each network namespace. The watcher
-// calls it from one goroutine per key at a time, so calls for one key never
-// overlap while calls for different keys run concurrently.
+// Sink receives the desired state of every namespace, whole, each time it
+// may have changed. Desire must not block on setting anything up.
 type Sink interface {
-	// Apply makes the namespace at netns route each port to its service.
-	// key names one network namespace; routes are the merged labels of
-	// every running container in it, never empty, and must not be
-	// modified. Apply must be idempotent: it is called again with the same
-	// state after it failed.
-	Apply(ctx context.Context, key, netns string, routes map[uint16]string) error
-	// Remove forgets the namespace key; its namespace may be gone already.
-	Remove(ctx context.Context, key string) error
+	Desire(namespaces []Namespace)
 }
+
+// Namespace is the desired state of one network namespace.
+type Namespace = reconcile.Namespace
+
+// Container names one container of a Namespace.
+type Container = reconcile.Container
 
 // Config configures a Watcher. Client and Sink are required.
 type Config struct {
 	// Client talks to the engine; see NewClient.
 	Client *dockerapi.Client
-	// Sink receives each namespace's state.
+	// Sink receives the namespaces' desired state.
 	Sink Sink
 	// Validate optionally checks a label's value (a service name); a
 	// label it rejects is skipped. If nil, any value that is not blank is
@@ -76,30 +83,37 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// Namespace is the desired state of one network namespace, as shown on a
-// status page.
-type Namespace struct {
-	Key        string            // ID of the container owning the namespace
-	Path       string            // /proc/<pid>/ns/net
-	Containers []Container       // running containers in it, owner first
-	Routes     map[uint16]string // port → service
-	Err        string            // the last Sink error for this key, "" after a success
-}
-
-// Container names one container of a Namespace.
-type Container struct {
-	ID   string // short (12 hex digits)
-	Name string // without the leading slash
-}
-
-// NewClient returns a client configured as Docker users expect, from
-// DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH (and DOCKER_API_VERSION),
-// defaulting to the local socket unix:///var/run/docker.sock.
-func NewClient() (*dockerapi.Client, error) {
-	c, err := dockerapi.NewClientFromEnv()
-	if err != nil {
-		return nil, fmt.Errorf("creating docker client from environment: %w", err)
+// NewClient returns a client for the engine at host (e.g.
+// unix:///run/podman/podman.sock or tcp://10.0.0.1:2376) or, if host is
+// empty, at DOCKER_HOST, else at the local socket unix:///var/run/docker.sock.
+// The rest is configured as Docker users expect: TLS from DOCKER_TLS_VERIFY
+// and DOCKER_CERT_PATH, the API version from DOCKER_API_VERSION.
+func NewClient(host string) (*dockerapi.Client, error) {
+	host = cmp.Or(host, os.Getenv("DOCKER_HOST"), "unix:///var/run/docker.sock")
+	version := os.Getenv("DOCKER_API_VERSION")
+	var (
+		c   *dockerapi.Client
+		err error
+	)
+	if os.Getenv("DOCKER_TLS_VERIFY") != "" {
+		certs := os.Getenv("DOCKER_CERT_PATH")
+		if certs == "" {
+			home, herr := os.UserHomeDir()
+			if herr != nil {
+				return nil, fmt.Errorf("DOCKER_TLS_VERIFY is set but neither DOCKER_CERT_PATH nor a home directory is: %w", herr)
+			}
+			certs = filepath.Join(home, ".docker")
+		}
+		c, err = dockerapi.NewVersionedTLSClient(host, filepath.Join(certs, "cert.pem"),
+			filepath.Join(certs, "key.pem"), filepath.Join(certs, "ca.pem"), version)
+	} else {
+		c, err = dockerapi.NewVersionedClient(host, version)
 	}
+	if err != nil {
+		return nil, fmt.Errorf("creating docker client for %s: %w", host, err)
+	}
+	// Without a pinned version the client speaks the engine's.
+	c.SkipServerVersionCheck = version == ""
 	return c, nil
 }
 
@@ -112,6 +126,7 @@ const (
 	eventBuffer    = 256
 	sinceSlack     = 2 * time.Second // replayed before subscribing: engine clock skew
 	maxOwnerChains = 4               // container:<a> whose a is container:<b> ...
+	inspectors     = 8               // inspections in flight at once
 )
 
 // Watcher follows the engine and drives a Sink. Create it with NewWatcher.
@@ -134,36 +149,14 @@ type Watcher struct {
 	}
 
 	// Owned by Run's goroutine.
-	containers map[string]*container      // running, labelled or owning a labelled one's namespace
-	warned     map[string]map[string]bool // container ID → what was logged about it
-	lost       bool                       // the event stream is down and that was logged
-	started    bool                       // the stream was up once
+	cache   cache
+	lost    bool // the event stream is down and that was logged
+	started bool // the stream was up once
+	sent    []Namespace
 
-	// mu guards what Namespaces and the delivery workers share with Run.
-	mu      sync.Mutex
-	desired map[string]*nsState
-	keys    map[string]*keyState
-	workers sync.WaitGroup
-}
-
-// container is what the watcher keeps of one inspected container. It is
-// never modified once stored, so snapshots may share it.
-type container struct {
-	id      string
-	name    string
-	created time.Time
-	pid     int
-	key     string // ID of the container whose namespace it uses (its own or container:<id>)
-	netIno  uint64 // inode of its network namespace, 0 if unknown
-	routes  map[uint16]string
-	labeled bool // has connect.* labels, valid or not
-}
-
-// nsState is the desired state of one namespace.
-type nsState struct {
-	path    string
-	members []Container
-	routes  map[uint16]string
+	// mu guards view, the desired state last handed to the Sink.
+	mu   sync.Mutex
+	view []Namespace
 }
 
 // NewWatcher returns a Watcher for cfg. It does nothing until Run.
@@ -177,17 +170,13 @@ func NewWatcher(cfg Config) *Watcher {
 
 func newWatcher(cfg Config, eng engine) *Watcher {
 	w := &Watcher{
-		cfg:        cfg,
-		eng:        eng,
-		log:        cfg.Logger,
-		resyncIv:   cfg.ResyncInterval,
-		backoff:    [2]time.Duration{minBackoff, maxBackoff},
-		containers: make(map[string]*container),
-		warned:     make(map[string]map[string]bool),
-		desired:    make(map[string]*nsState),
-		keys:       make(map[string]*keyState),
-		nsInode:    netnsInode,
-		forbidden:  make(map[uint64]bool),
+		cfg:       cfg,
+		eng:       eng,
+		log:       cfg.Logger,
+		resyncIv:  cfg.ResyncInterval,
+		backoff:   [2]time.Duration{minBackoff, maxBackoff},
+		nsInode:   netnsInode,
+		forbidden: make(map[uint64]bool),
 	}
 	// PID 1 is the host's init when we run on the host or with
 	// --pid=host; self is the host on the host. A container can land in
@@ -202,6 +191,7 @@ func newWatcher(cfg Config, eng engine) *Watcher {
 		w.log = slog.Default()
 	}
 	w.log = w.log.With("component", "docker")
+	w.cache = newCache(w.log)
 	if w.resyncIv <= 0 {
 		w.resyncIv = defaultResync
 	}
@@ -231,33 +221,18 @@ func (w *Watcher) Stats() Stats {
 	}
 }
 
-// Namespaces returns the current desired state of every namespace that has
-// routes, sorted by key. The result is a copy.
+// Namespaces returns the desired state last handed to the Sink, sorted by
+// key. The result is a copy.
 func (w *Watcher) Namespaces() []Namespace {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	out := make([]Namespace, 0, len(w.desired))
-	for key, ns := range w.desired {
-		n := Namespace{
-			Key:        key,
-			Path:       ns.path,
-			Containers: slices.Clone(ns.members),
-			Routes:     maps.Clone(ns.routes),
-		}
-		if ks := w.keys[key]; ks != nil && ks.err != nil {
-			n.Err = ks.err.Error()
-		}
-		out = append(out, n)
-	}
-	slices.SortFunc(out, func(a, b Namespace) int { return strings.Compare(a.Key, b.Key) })
-	return out
+	return slices.Clone(w.view)
 }
 
-// Run follows the engine until ctx ends, then waits for Sink calls in flight
-// and returns nil. It subscribes to events before listing containers, so
-// nothing that happens during the listing is missed, and subscribes again,
-// with backoff, whenever the event stream ends. Run may be called once at a
-// time.
+// Run follows the engine until ctx ends and returns nil. It subscribes to
+// events before listing containers, so nothing that happens during the
+// listing is missed, and subscribes again, with backoff, whenever the event
+// stream ends. Run may be called once at a time.
 func (w *Watcher) Run(ctx context.Context) error {
 	if w.eng == nil || w.cfg.Sink == nil {
 		return errors.New("docker: watcher needs a Client and a Sink")
@@ -266,9 +241,6 @@ func (w *Watcher) Run(ctx context.Context) error {
 		return errors.New("docker: watcher is already running")
 	}
 	defer w.running.Store(false)
-	// Deferred calls run last-in first-out: workers are waited for after
-	// the health flag drops.
-	defer w.workers.Wait()
 	defer w.healthy.Store(false)
 
 	backoff := w.backoff[0]
@@ -312,8 +284,11 @@ func sleep(ctx context.Context, d time.Duration) bool {
 var errStreamEnded = errors.New("docker event stream ended")
 
 // session subscribes, resyncs and follows events until the stream ends or ctx
-// does, and says how long the stream was up.
+// does, and says how long the stream was up. Every goroutine it starts
+// (inspections, listings) has ended when it returns.
 func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	ch := make(chan *dockerapi.APIEvents, eventBuffer)
 	opts := dockerapi.EventsOptions{
 		// The library connects in the background after returning, so the
@@ -335,33 +310,78 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 		}
 	}()
 	w.stats.subscriptions.Add(1)
-	if err := w.resync(ctx); err != nil {
+	ins := newInspector(w, ctx)
+	defer ins.wait() // after cancel, deferred above it
+
+	// The first resync completes before events are followed, so the state
+	// handed over first is the engine's whole truth; events queue meanwhile.
+	if err := w.applyList(ins, w.list(ctx, ins.next())); err != nil {
 		return 0, err
 	}
+	for ins.busy() {
+		w.apply(ins.take(<-ins.results), ins)
+	}
+	w.publish()
 	w.healthy.Store(true)
 	switch {
 	case w.lost:
 		w.log.Info("docker event stream back")
 	case !w.started:
-		w.log.Info("following docker events", "containers", len(w.containers))
+		w.log.Info("following docker events", "containers", w.cache.len())
 	}
 	w.lost, w.started = false, true
 	up := time.Now()
-	err := w.follow(ctx, ch)
+	err := w.follow(ctx, ch, ins)
 	return time.Since(up), err
 }
 
-// follow handles events, in order, and periodic resyncs until the stream
-// ends or ctx does.
-func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents) error {
+// listing is one full list of running containers, taken at seq.
+type listing struct {
+	seq  uint64
+	list []dockerapi.APIContainers
+	err  error
+}
+
+func (w *Watcher) list(ctx context.Context, seq uint64) listing {
+	w.stats.resyncs.Add(1)
+	lctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	list, err := w.eng.ListContainers(dockerapi.ListContainersOptions{Context: lctx})
+	if err != nil {
+		w.stats.resyncErrors.Add(1)
+		return listing{seq: seq, err: fmt.Errorf("listing containers: %w", err)}
+	}
+	return listing{seq: seq, list: list}
+}
+
+// follow handles events, inspection results and periodic resyncs until the
+// stream ends or ctx does. Nothing here waits for the engine: listings and
+// inspections run on their own goroutines and report back.
+func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, ins *inspector) error {
 	tick := time.NewTicker(w.resyncIv)
 	defer tick.Stop()
+	listed := make(chan listing, 1)
+	var lister sync.WaitGroup
+	defer lister.Wait() // ctx is cancelled by then: session's defer
+	listing := false
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-tick.C:
-			if err := w.resync(ctx); err != nil {
+			if listing {
+				continue // the last one is still running: an engine that slow gains nothing from two
+			}
+			listing = true
+			seq := ins.next()
+			lister.Add(1)
+			go func() {
+				defer lister.Done()
+				listed <- w.list(ctx, seq)
+			}()
+		case l := <-listed:
+			listing = false
+			if err := w.applyList(ins, l); err != nil {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
@@ -374,357 +394,99 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents) er
 			if !ok {
 				return errStreamEnded
 			}
-			// Take whatever else is queued too: a burst of events about
-			// one container then costs one inspect.
-			ids := w.eventIDs(nil, ev)
-			closed := false
-		drain:
-			for {
-				select {
-				case ev, ok := <-ch:
-					if !ok {
-						closed = true
-						break drain
-					}
-					ids = w.eventIDs(ids, ev)
-				default:
-					break drain
-				}
+			if id := w.eventID(ev); id != "" {
+				ins.request(id)
 			}
-			for _, id := range ids {
-				w.refresh(ctx, id)
-			}
-			if len(ids) > 0 {
-				w.reconcile(ctx, false)
-			}
-			if closed {
-				return errStreamEnded
-			}
+		case r := <-ins.results:
+			w.apply(ins.take(r), ins)
+		}
+		// Hand the state over once the results that are already in have
+		// been taken: a burst of events then costs one computation.
+		if len(ins.results) == 0 {
+			w.publish()
 		}
 	}
 }
 
-// eventIDs appends the container ev is about, once, if it may matter.
-func (w *Watcher) eventIDs(ids []string, ev *dockerapi.APIEvents) []string {
+// eventID returns the container ev is about, if it may matter.
+func (w *Watcher) eventID(ev *dockerapi.APIEvents) string {
 	if ev == nil || (ev.Type != "" && ev.Type != "container") {
-		return ids
+		return ""
 	}
-	switch cmp.Or(ev.Action, ev.Status) {
-	case "start", "die", "destroy":
+	switch ev.Action {
+	case "":
+		if ev.Status == "" {
+			return ""
+		}
+		if !lifecycle[ev.Status] {
+			return ""
+		}
 	default:
-		return ids
+		if !lifecycle[ev.Action] {
+			return ""
+		}
 	}
-	id := cmp.Or(ev.Actor.ID, ev.ID)
-	if id == "" || slices.Contains(ids, id) {
-		return ids
+	id := ev.Actor.ID
+	if id == "" {
+		id = ev.ID
+	}
+	if id == "" {
+		return ""
 	}
 	// The engine copies a container's labels into its events: a container
 	// without connect.* labels matters only if it holds the namespace of
 	// one that has them, and then it is known already.
-	if attrs := ev.Actor.Attributes; len(attrs) > 0 && !hasRouteLabels(attrs) && w.containers[id] == nil && !w.referenced(id) {
-		return ids
+	if attrs := ev.Actor.Attributes; len(attrs) > 0 && !hasRouteLabels(attrs) && !w.cache.known(id) {
+		return ""
 	}
-	return append(ids, id)
+	return id
 }
 
-// resync reads the full list of running containers and re-inspects those
-// that matter, then reconciles every namespace (retrying failed Sink calls).
-func (w *Watcher) resync(ctx context.Context) error {
-	w.stats.resyncs.Add(1)
-	lctx, cancel := context.WithTimeout(ctx, callTimeout)
-	list, err := w.eng.ListContainers(dockerapi.ListContainersOptions{Context: lctx})
-	cancel()
-	if err != nil {
-		w.stats.resyncErrors.Add(1)
-		return fmt.Errorf("listing containers: %w", err)
+// lifecycle holds the events that may start or end a container.
+var lifecycle = map[string]bool{"start": true, "die": true, "destroy": true}
+
+// applyList records what a full listing says: a container it does not show,
+// and that no inspection since the listing began has seen, is gone; every
+// container that may matter is inspected again.
+func (w *Watcher) applyList(ins *inspector, l listing) error {
+	if l.err != nil {
+		return l.err
 	}
-	running := make(map[string]bool, len(list))
-	for _, c := range list {
+	running := make(map[string]bool, len(l.list))
+	for _, c := range l.list {
 		running[c.ID] = true
 	}
-	for id := range w.containers {
-		if !running[id] {
-			w.forget(id)
+	for _, id := range w.cache.ids() {
+		if !running[id] && !ins.seenSince(id, l.seq) {
+			w.cache.forget(id)
 		}
 	}
-	for id := range w.warned {
-		if !running[id] {
-			delete(w.warned, id)
+	w.cache.dropWarnings(func(id string) bool { return running[id] })
+	for _, c := range l.list {
+		if hasRouteLabels(c.Labels) || w.cache.known(c.ID) {
+			ins.request(c.ID)
 		}
 	}
-	for _, c := range list {
-		if hasRouteLabels(c.Labels) || w.containers[c.ID] != nil {
-			w.refresh(ctx, c.ID)
-		}
-	}
-	w.prune()
-	w.reconcile(ctx, true)
-	return ctx.Err()
+	w.cache.prune()
+	return nil
 }
 
-// refresh re-inspects one container and records what is true of it now.
-func (w *Watcher) refresh(ctx context.Context, id string) {
-	c, err := w.inspect(ctx, id)
-	if err != nil {
-		if nsc := (*dockerapi.NoSuchContainer)(nil); errors.As(err, &nsc) {
-			w.log.Debug("container gone", "id", short(id))
-			w.forget(id)
-			delete(w.warned, id)
-			return
-		}
-		if ctx.Err() == nil {
-			// The state stays as it was; the next resync looks again.
-			w.log.Warn("inspecting container", "id", short(id), "err", err)
-		}
+// publish computes every namespace's desired state and hands it to the Sink
+// if it changed, logging what the computation found wrong once per
+// container.
+func (w *Watcher) publish() {
+	ns, problems := desired(w.cache.snapshot(), w.cfg.SelfID, w.forbidden)
+	for _, p := range problems {
+		w.cache.warnOnce(p.id, p.what, p.msg, p.args...)
+	}
+	if slices.EqualFunc(ns, w.sent, sameNamespace) {
 		return
 	}
-	w.observe(ctx, c, 0)
-}
-
-func (w *Watcher) inspect(ctx context.Context, id string) (*dockerapi.Container, error) {
-	ictx, cancel := context.WithTimeout(ctx, callTimeout)
-	defer cancel()
-	c, err := w.eng.InspectContainerWithOptions(dockerapi.InspectContainerOptions{ID: id, Context: ictx})
-	if err != nil {
-		return nil, err
-	}
-	if c == nil || c.ID == "" {
-		return nil, fmt.Errorf("inspecting container %s: empty answer", short(id))
-	}
-	return c, nil
-}
-
-// observe records an inspected container: kept if it runs and either asks
-// for routes or owns the namespace of one that does, forgotten otherwise.
-func (w *Watcher) observe(ctx context.Context, c *dockerapi.Container, depth int) {
-	id, name := c.ID, strings.TrimPrefix(c.Name, "/")
-	if !c.State.Running || c.State.Pid == 0 {
-		w.log.Debug("container not running", "container", name, "id", short(id))
-		w.forget(id)
-		delete(w.warned, id)
-		return
-	}
-	if w.isSelf(id) {
-		w.forget(id)
-		return
-	}
-	var labels map[string]string
-	if c.Config != nil {
-		labels = c.Config.Labels
-	}
-	labeled := hasRouteLabels(labels)
-	if !labeled && !w.referenced(id) {
-		w.forget(id)
-		return
-	}
-	var mode string
-	if c.HostConfig != nil {
-		mode = c.HostConfig.NetworkMode
-	}
-	if mode == "host" {
-		if labeled {
-			w.warnOnce(id, "host", "skipping container in host network mode: rules there would capture the host's own traffic",
-				"container", name, "id", short(id))
-		}
-		w.forget(id)
-		return
-	}
-	routes, errs := ParseRoutes(labels, w.cfg.Validate)
-	for _, err := range errs {
-		var le *LabelError
-		if errors.As(err, &le) {
-			w.warnOnce(id, "label:"+le.Label, "skipping label", "container", name, "id", short(id),
-				"label", le.Label, "value", le.Value, "err", le.Err)
-		}
-	}
-	ct := &container{
-		id:      id,
-		name:    name,
-		created: c.Created,
-		pid:     c.State.Pid,
-		key:     id,
-		netIno:  w.nsInode(c.State.Pid),
-		routes:  routes,
-		labeled: labeled,
-	}
-	owner, shared := strings.CutPrefix(mode, "container:")
-	if !shared || owner == "" {
-		w.containers[id] = ct
-		return
-	}
-	if w.isSelf(owner) {
-		w.warnOnce(id, "self", "skipping container that shares this daemon's network namespace", "container", name, "id", short(id))
-		w.forget(id)
-		return
-	}
-	ct.key = owner
-	if o := w.containers[owner]; o != nil || depth >= maxOwnerChains {
-		w.containers[id] = ct
-		return
-	}
-	// The owner is new to us. Inspect it by the reference the engine
-	// recorded (an ID in practice, a name would do too) and key the
-	// namespace by its full ID.
-	oc, err := w.inspect(ctx, owner)
-	if err != nil {
-		w.log.Debug("inspecting namespace owner", "container", name, "owner", owner, "err", err)
-		w.containers[id] = ct
-		return
-	}
-	if oc.HostConfig != nil && oc.HostConfig.NetworkMode == "host" {
-		w.warnOnce(id, "host", "skipping container that joined a host-mode container: rules there would capture the host's own traffic",
-			"container", name, "id", short(id), "owner", strings.TrimPrefix(oc.Name, "/"))
-		w.forget(id)
-		return
-	}
-	ct.key = oc.ID
-	w.containers[id] = ct
-	if oc.ID != id {
-		w.observe(ctx, oc, depth+1)
-	}
-}
-
-// forget drops a container. Its warnings stay, so a container that keeps
-// running in host mode is not warned about at every resync.
-func (w *Watcher) forget(id string) { delete(w.containers, id) }
-
-// referenced reports whether a kept container uses id's namespace.
-func (w *Watcher) referenced(id string) bool {
-	for _, c := range w.containers {
-		if c.key == id && c.id != id {
-			return true
-		}
-	}
-	return false
-}
-
-// prune drops owners kept only for containers that are gone.
-func (w *Watcher) prune() {
-	for {
-		dropped := false
-		for id, c := range w.containers {
-			if !c.labeled && !w.referenced(id) {
-				delete(w.containers, id)
-				dropped = true
-			}
-		}
-		if !dropped {
-			return
-		}
-	}
-}
-
-func (w *Watcher) isSelf(id string) bool {
-	self := w.cfg.SelfID
-	return self != "" && (id == self || (len(self) >= 12 && strings.HasPrefix(id, self)))
-}
-
-// warnOnce logs msg the first time it is said about what for container id.
-func (w *Watcher) warnOnce(id, what, msg string, args ...any) {
-	seen := w.warned[id]
-	if seen == nil {
-		seen = make(map[string]bool)
-		w.warned[id] = seen
-	}
-	if seen[what] {
-		return
-	}
-	seen[what] = true
-	w.log.Warn(msg, args...)
-}
-
-// namespaceOf returns the container whose ID keys c's namespace: its own, or
-// that of the container it joined (following owners that joined another).
-// A container whose owner stopped, or restarted into a new namespace, is
-// still in the old one, alone: it then keys that namespace itself.
-func (w *Watcher) namespaceOf(c *container) *container {
-	cur := c
-	for range maxOwnerChains {
-		if cur.key == cur.id {
-			return cur
-		}
-		o := w.containers[cur.key]
-		if o == nil || (o.netIno != 0 && cur.netIno != 0 && o.netIno != cur.netIno) {
-			return cur
-		}
-		cur = o
-	}
-	return cur
-}
-
-// reconcile computes every namespace's desired state from the kept
-// containers and hands what changed to the delivery workers. With retry,
-// keys whose last Sink call failed are delivered again too.
-func (w *Watcher) reconcile(ctx context.Context, retry bool) {
-	groups := make(map[string][]*container)
-	for _, c := range w.containers {
-		owner := w.namespaceOf(c)
-		groups[owner.id] = append(groups[owner.id], c)
-	}
-	desired := make(map[string]*nsState, len(groups))
-	for key, members := range groups {
-		// Earlier containers keep a disputed port: a newcomer never takes
-		// a route away from one already set up. The owner came first.
-		slices.SortFunc(members, func(a, b *container) int {
-			if a.id == key || b.id == key {
-				return boolCmp(b.id == key, a.id == key)
-			}
-			return cmp.Or(a.created.Compare(b.created), strings.Compare(a.id, b.id))
-		})
-		routes := make(map[uint16]string)
-		claimedBy := make(map[uint16]*container)
-		ns := &nsState{path: netnsPath(members[0].pid)}
-		for _, c := range members {
-			ns.members = append(ns.members, Container{ID: short(c.id), Name: c.name})
-			for _, port := range slices.Sorted(maps.Keys(c.routes)) {
-				svc := c.routes[port]
-				if have, ok := routes[port]; ok {
-					if have != svc {
-						label := LabelPrefix + strconv.Itoa(int(port))
-						w.warnOnce(c.id, "conflict:"+label, "skipping label: another container in the network namespace claims the port",
-							"container", c.name, "id", short(c.id), "label", label, "value", svc,
-							"claimed_by", claimedBy[port].name, "service", have)
-					}
-					continue
-				}
-				routes[port] = svc
-				claimedBy[port] = c
-			}
-		}
-		if len(routes) == 0 {
-			continue
-		}
-		if owner := w.containers[key]; w.forbidden[owner.netIno] {
-			w.warnOnce(key, "hostns", "skipping namespace: it is the host's or this daemon's own",
-				"container", owner.name, "id", short(key))
-			continue
-		}
-		ns.routes = routes
-		desired[key] = ns
-	}
-
+	w.sent = ns
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.desired = desired
-	for key, ns := range desired {
-		w.submitLocked(ctx, key, &target{path: ns.path, routes: ns.routes}, retry)
-	}
-	for key := range w.keys {
-		if desired[key] == nil {
-			w.submitLocked(ctx, key, nil, retry)
-		}
-	}
-}
-
-func boolCmp(a, b bool) int {
-	switch {
-	case a == b:
-		return 0
-	case a:
-		return 1
-	default:
-		return -1
-	}
+	w.view = ns
+	w.mu.Unlock()
+	w.cfg.Sink.Desire(ns)
 }
 
 func netnsPath(pid int) string { return "/proc/" + strconv.Itoa(pid) + "/ns/net" }

@@ -10,21 +10,17 @@ import (
 	"github.com/connectable/connectable/docker"
 )
 
-// printSink shows what a real Sink (the proxy server) would be asked to do.
+// printSink shows the desired state a real Sink (the reconciler) is handed.
 type printSink struct{}
 
-func (printSink) Apply(_ context.Context, key, netns string, routes map[uint16]string) error {
-	fmt.Println("apply", key[:12], netns, routes)
-	return nil
-}
-
-func (printSink) Remove(_ context.Context, key string) error {
-	fmt.Println("remove", key[:12])
-	return nil
+func (printSink) Desire(namespaces []docker.Namespace) {
+	for _, ns := range namespaces {
+		fmt.Println(ns.Key[:12], ns.Path, ns.Routes, ns.Containers)
+	}
 }
 
 func ExampleNewWatcher() {
-	client, err := docker.NewClient() // DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH
+	client, err := docker.NewClient("") // DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return

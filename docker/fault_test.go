@@ -2,11 +2,15 @@ package docker
 
 import (
 	"errors"
+	"fmt"
 	"maps"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	dockerapi "github.com/fsouza/go-dockerclient"
 
 	"github.com/connectable/connectable/internal/testenv"
 )
@@ -198,7 +202,10 @@ func TestFaultSlowSinkDoesNotBlockOthers(t *testing.T) {
 	}
 }
 
-func TestFaultFailedApplyRetriedAtResync(t *testing.T) {
+// TestFaultFailedApplyRetried: the reconciler retries a failed set-up by
+// itself, with back-off, and shows the error until one succeeds. The resync
+// interval is too long to explain the retries.
+func TestFaultFailedApplyRetried(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	f := newFakeEngine()
 	sink := newRecordingSink()
@@ -212,22 +219,68 @@ func TestFaultFailedApplyRetriedAtResync(t *testing.T) {
 		return nil
 	}
 	id := f.add("flaky", "", map[string]string{"connect.6000": "svc"})
-	w, logs := newFakeWatcher(t, f, sink, 100*time.Millisecond)
+	w, logs := newFakeWatcher(t, f, sink, never)
 	startWatcher(t, w)
 	waitFor(t, "an error shown", func() bool {
-		ns := w.Namespaces()
-		return len(ns) == 1 && strings.Contains(ns[0].Err, "injected failure")
+		st, ok := sink.status(id)
+		return ok && strings.Contains(st.Err, "injected failure") && !st.Applied
 	}, sink)
 	sink.waitApplied(t, id, map[uint16]string{6000: "svc"})
 	waitFor(t, "error cleared", func() bool {
-		ns := w.Namespaces()
-		return len(ns) == 1 && ns[0].Err == ""
+		st, ok := sink.status(id)
+		return ok && st.Err == "" && st.Applied
 	}, sink)
 	if n := len(sink.callsFor(id)); n != 3 {
 		t.Errorf("got %d calls; want 3 (two failures, one success):\n%v", n, sink)
 	}
 	if len(logs.lines("setting up namespace", "injected failure")) == 0 {
 		t.Errorf("failure not logged:\n%s", logs)
+	}
+}
+
+// TestFaultSlowResyncDoesNotStallEvents: a periodic resync whose
+// inspections hang (an engine stuck on some containers) runs beside event
+// handling, which goes on; the resync's inspections run several at once.
+func TestFaultSlowResyncDoesNotStallEvents(t *testing.T) {
+	testenv.CheckGoroutines(t)
+	f := newFakeEngine()
+	sink := newRecordingSink()
+	sink.keys = nil
+	var stuck []string
+	for i := range 3 {
+		stuck = append(stuck, f.add(fmt.Sprintf("stuck-%d", i), "", map[string]string{"connect.6000": "stuck"}))
+	}
+	release := make(chan struct{})
+	var holding atomic.Int32
+	var resyncing atomic.Bool
+	f.onInspect = func(opts dockerapi.InspectContainerOptions) {
+		if resyncing.Load() && slices.Contains(stuck, opts.ID) {
+			holding.Add(1)
+			select {
+			case <-release:
+			case <-opts.Context.Done():
+			}
+		}
+	}
+	w, _ := newFakeWatcher(t, f, sink, 50*time.Millisecond)
+	t.Cleanup(func() { close(release) }) // before the watcher's own cleanup
+	startWatcher(t, w)
+	for _, id := range stuck {
+		sink.waitApplied(t, id, map[uint16]string{6000: "stuck"})
+	}
+	resyncing.Store(true)
+	waitFor(t, "the resync's inspections all hanging at once", func() bool { return holding.Load() == 3 }, sink)
+
+	id := f.add("during-resync", "", map[string]string{"connect.6001": "new"})
+	f.emit("start", id)
+	sink.waitApplied(t, id, map[uint16]string{6001: "new"})
+	f.remove(id)
+	f.emit("destroy", id)
+	sink.waitRemoved(t, id)
+	for _, id := range stuck {
+		if _, ok := sink.current(id); !ok {
+			t.Errorf("%s removed while its inspection hung", short(id))
+		}
 	}
 }
 
@@ -250,7 +303,7 @@ func TestFaultSkips(t *testing.T) {
 	joinedHost := f.add("joined-host", "container:"+host, map[string]string{"connect.6007": "joined-host"})
 
 	logger, logs := newLogger(t)
-	w := newWatcher(Config{Sink: sink, ResyncInterval: 50 * time.Millisecond, Logger: logger, SelfID: self[:12]}, f)
+	w := newWatcher(Config{Sink: sink.via(t, logger), ResyncInterval: 50 * time.Millisecond, Logger: logger, SelfID: self[:12]}, f)
 	w.nsInode, w.forbidden = f.inode, map[uint64]bool{1: true}
 	startWatcher(t, w)
 	sink.waitApplied(t, ok, map[uint16]string{6005: "fine"})

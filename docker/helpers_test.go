@@ -15,6 +15,8 @@ import (
 	"time"
 
 	dockerapi "github.com/fsouza/go-dockerclient"
+
+	"github.com/connectable/connectable/reconcile"
 )
 
 // call is one Sink call the recordingSink saw.
@@ -45,6 +47,8 @@ type recordingSink struct {
 	fail func(c call) error
 	// block optionally holds a call until the returned channel closes.
 	block func(c call) <-chan struct{}
+
+	rec *reconcile.Reconciler // set by via
 }
 
 func newRecordingSink() *recordingSink {
@@ -248,6 +252,9 @@ type fakeEngine struct {
 	subscribes int
 	down       bool   // subscribing and listing fail
 	onList     func() // called during ListContainers, after the snapshot
+	// onInspect optionally runs at the start of every inspection, outside
+	// the lock, e.g. to hold one like a stuck engine does.
+	onInspect func(opts dockerapi.InspectContainerOptions)
 	inspects   map[string]int
 	netns      map[int]uint64 // pid → namespace inode; absent: unknown
 }
@@ -303,6 +310,12 @@ func (f *fakeEngine) ListContainers(opts dockerapi.ListContainersOptions) ([]doc
 }
 
 func (f *fakeEngine) InspectContainerWithOptions(opts dockerapi.InspectContainerOptions) (*dockerapi.Container, error) {
+	f.mu.Lock()
+	hook := f.onInspect
+	f.mu.Unlock()
+	if hook != nil {
+		hook(opts)
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.inspects[opts.ID]++
@@ -412,10 +425,31 @@ func (f *fakeEngine) subscriptions() int {
 	return f.subscribes
 }
 
+// via returns the real reconciler, with quick retries, delivering to s: the
+// watcher's Sink in these tests. It is closed when the test ends, after the
+// watcher (cleanups run last-in first-out).
+func (s *recordingSink) via(t *testing.T, logger *slog.Logger) *reconcile.Reconciler {
+	rec := reconcile.New(reconcile.Config{Paths: []reconcile.Path{s}, Logger: logger,
+		RetryMin: 20 * time.Millisecond, RetryMax: 100 * time.Millisecond})
+	t.Cleanup(rec.Close)
+	s.rec = rec
+	return rec
+}
+
+// status returns the reconciler's view of key.
+func (s *recordingSink) status(key string) (reconcile.Status, bool) {
+	for _, st := range s.rec.Status() {
+		if st.Key == key {
+			return st, true
+		}
+	}
+	return reconcile.Status{}, false
+}
+
 // newFakeWatcher returns a watcher on a fake engine with quick retries.
-func newFakeWatcher(t *testing.T, f *fakeEngine, sink Sink, resync time.Duration) (*Watcher, *logBuffer) {
+func newFakeWatcher(t *testing.T, f *fakeEngine, sink *recordingSink, resync time.Duration) (*Watcher, *logBuffer) {
 	logger, lb := newLogger(t)
-	w := newWatcher(Config{Sink: sink, ResyncInterval: resync, Logger: logger}, f)
+	w := newWatcher(Config{Sink: sink.via(t, logger), ResyncInterval: resync, Logger: logger}, f)
 	w.backoff = [2]time.Duration{10 * time.Millisecond, 50 * time.Millisecond}
 	w.nsInode, w.forbidden = f.inode, map[uint64]bool{}
 	return w, lb

@@ -1,6 +1,9 @@
 package docker
 
 import (
+	"bytes"
+	"os"
+	"strings"
 	"testing"
 
 	"github.com/connectable/connectable/internal/testenv"
@@ -37,16 +40,6 @@ func TestSelfContainerID(t *testing.T) {
 	}
 }
 
-// TestSelfContainerIDHere checks the real files: these tests run on the
-// host, where the answer is "" (or, inside a container, a 64-digit ID).
-func TestSelfContainerIDHere(t *testing.T) {
-	got := SelfContainerID()
-	if got != "" && len(got) != 64 {
-		t.Errorf("SelfContainerID() = %q; want \"\" or a 64-digit ID", got)
-	}
-	t.Logf("SelfContainerID() = %q", got)
-}
-
 // TestSelfContainerIDInContainer reads the files as a process inside real
 // containers sees them, including one that shares another's namespace.
 func TestSelfContainerIDInContainer(t *testing.T) {
@@ -64,5 +57,28 @@ func TestSelfContainerIDInContainer(t *testing.T) {
 		if got := selfContainerID([]byte("0::/\n"), []byte(mountinfo)); got != owner {
 			t.Errorf("in %s, mountinfo only: selfContainerID = %q; want %q", short(id), got, owner)
 		}
+	}
+	// And this process, on the host while those containers run (where the
+	// engine shares its mount namespace, their /dev/shm mounts show in ours
+	// too, and must not be taken for ours). The engine says which
+	// containers run; unless this test runs in one of them (its ID in our
+	// cgroup path), the answer is "".
+	cgroup, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("our mountinfo shows the containers' mounts: %v", bytes.Contains(mountinfo, []byte("/containers/"+owner+"/")))
+	want := ""
+	for _, id := range strings.Fields(testenv.Run(t, "docker", "ps", "-q", "--no-trunc")) {
+		if bytes.Contains(cgroup, []byte(id)) {
+			want = id
+		}
+	}
+	if got := selfContainerID(cgroup, mountinfo); got != want {
+		t.Errorf("SelfContainerID() here = %q; want %q (the running container whose ID is in our cgroup path, if any)", got, want)
 	}
 }

@@ -3,7 +3,6 @@ package docker
 import (
 	"errors"
 	"maps"
-	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -23,7 +22,7 @@ func realWatcher(t *testing.T, cfg Config) (*Watcher, *recordingSink, *logBuffer
 	t.Helper()
 	testenv.NeedDocker(t)
 	if cfg.Client == nil {
-		client, err := NewClient()
+		client, err := NewClient("")
 		if err != nil {
 			t.Fatalf("NewClient: %v", err)
 		}
@@ -32,7 +31,7 @@ func realWatcher(t *testing.T, cfg Config) (*Watcher, *recordingSink, *logBuffer
 	sink := newRecordingSink()
 	sink.tag = testenv.RandomName("t")
 	logger, logs := newLogger(t)
-	cfg.Sink, cfg.Logger = sink, logger
+	cfg.Sink, cfg.Logger = sink.via(t, logger), logger
 	w := NewWatcher(cfg)
 	startWatcher(t, w)
 	waitFor(t, "healthy", w.Healthy, sink)
@@ -79,14 +78,14 @@ func TestRealContainerStartedBeforeRun(t *testing.T) {
 	w, sink, _ := func() (*Watcher, *recordingSink, *logBuffer) {
 		// Watch before Run, so the initial list's Apply is recorded.
 		testenv.NeedDocker(t)
-		client, err := NewClient()
+		client, err := NewClient("")
 		if err != nil {
 			t.Fatalf("NewClient: %v", err)
 		}
 		sink := newRecordingSink()
 		sink.watch(id)
 		logger, logs := newLogger(t)
-		w := NewWatcher(Config{Client: client, Sink: sink, Logger: logger})
+		w := NewWatcher(Config{Client: client, Sink: sink.via(t, logger), Logger: logger})
 		startWatcher(t, w)
 		return w, sink, logs
 	}()
@@ -104,7 +103,7 @@ func TestRealContainerStartedBeforeRun(t *testing.T) {
 	}
 	n := w.Namespaces()[i]
 	wantMembers := []Container{{ID: short(id), Name: nameOf(t, id)}}
-	if n.Path != got.netns || !maps.Equal(n.Routes, routes) || !slices.Equal(n.Containers, wantMembers) || n.Err != "" {
+	if st, _ := sink.status(id); n.Path != got.netns || !maps.Equal(n.Routes, routes) || !slices.Equal(n.Containers, wantMembers) || st.Err != "" {
 		t.Errorf("Namespaces()[%d] = %+v; want path %s, routes %v, containers %v", i, n, got.netns, routes, wantMembers)
 	}
 
@@ -240,19 +239,31 @@ func TestRealBadLabels(t *testing.T) {
 	}
 }
 
-// TestNewClientFromEnv checks that DOCKER_HOST is honoured.
-func TestNewClientFromEnv(t *testing.T) {
-	t.Setenv("DOCKER_HOST", "tcp://127.0.0.1:1")
+// TestNewClientHost: the host argument (the --docker-host flag) wins over
+// DOCKER_HOST, which is used without it, on a real engine reached through a
+// socket of the test's own.
+func TestNewClientHost(t *testing.T) {
+	testenv.NeedDocker(t)
+	r := testenv.NewRelay(t, "/var/run/docker.sock")
+	sock := "unix://" + r.Path
 	t.Setenv("DOCKER_TLS_VERIFY", "")
-	c, err := NewClient()
+	t.Setenv("DOCKER_HOST", "tcp://127.0.0.1:1") // nothing listens there
+	c, err := NewClient(sock)
 	if err != nil {
-		t.Fatalf("NewClient: %v", err)
+		t.Fatalf("NewClient(%q): %v", sock, err)
 	}
-	if got := c.Endpoint(); got != "tcp://127.0.0.1:1" {
-		t.Errorf("Endpoint() = %q; want tcp://127.0.0.1:1", got)
+	if err := c.Ping(); err != nil {
+		t.Errorf("Ping through %s with DOCKER_HOST set elsewhere: %v", sock, err)
 	}
-	if err := c.Ping(); err == nil {
-		t.Errorf("Ping to a closed port succeeded")
+	if c, err := NewClient(""); err != nil {
+		t.Errorf("NewClient(\"\"): %v", err)
+	} else if err := c.Ping(); err == nil {
+		t.Errorf("NewClient(\"\") did not use DOCKER_HOST=tcp://127.0.0.1:1: Ping succeeded")
 	}
-	_ = exec.ErrNotFound
+	t.Setenv("DOCKER_HOST", sock)
+	if c, err := NewClient(""); err != nil {
+		t.Errorf("NewClient(\"\"): %v", err)
+	} else if err := c.Ping(); err != nil {
+		t.Errorf("Ping with DOCKER_HOST=%s: %v", sock, err)
+	}
 }

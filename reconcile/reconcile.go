@@ -1,0 +1,386 @@
+// Package reconcile owns the gap between what connectable wants and what it
+// has: for every network namespace, the desired state (handed over whole by
+// the Docker watcher), the state last applied, the error of the last
+// attempt, and the one worker goroutine that closes the gap. It drives the
+// data paths through Path, which it declares; today that is the relay
+// (*proxy.Server), and a second data path is added to Config.Paths.
+//
+// Properties the rest of the daemon relies on:
+//   - Desire never blocks on a set-up: it records the new state and wakes or
+//     starts the namespace's worker.
+//   - One namespace never waits for another: each has its own worker; calls
+//     for one key never overlap.
+//   - A burst of changes while a slow set-up runs costs one more call, with
+//     the latest state, not one per change.
+//   - A failed set-up or removal is retried, with back-off, until it
+//     succeeds or the state it was for is no longer wanted.
+//
+// Typical usage:
+//
+//	rec := reconcile.New(reconcile.Config{Paths: []reconcile.Path{srv}, Logger: log})
+//	defer rec.Close()
+//	w := docker.NewWatcher(docker.Config{Sink: rec, ...})
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Namespace is the desired state of one network namespace.
+type Namespace struct {
+	Key        string            // ID of the container owning the namespace
+	Path       string            // where to enter it, e.g. /proc/<pid>/ns/net
+	Containers []Container       // running containers in it, owner first
+	Routes     map[uint16]string // port → service; never empty, never modified once handed over
+}
+
+// Container names one container of a Namespace.
+type Container struct {
+	ID   string // short (12 hex digits)
+	Name string // without the leading slash
+}
+
+// Path is one data path: a mechanism that makes a namespace's labelled
+// ports reach their services.
+type Path interface {
+	// Apply makes the namespace at netns, known by key, route each port to
+	// its service. It must be idempotent: it is called again with the same
+	// state after it failed, and after a restart finds its own leftovers.
+	Apply(ctx context.Context, key, netns string, routes map[uint16]string) error
+	// Remove forgets the namespace key; its namespace may be gone already.
+	Remove(ctx context.Context, key string) error
+}
+
+// Config configures a Reconciler. Paths is required.
+type Config struct {
+	// Paths are applied in order and removed in reverse order, so that a
+	// path listed first (the fastest) serves first, over those beneath it.
+	Paths []Path
+	// RetryMin and RetryMax optionally bound the back-off between attempts
+	// of a failing set-up; if zero, 1s and 30s.
+	RetryMin, RetryMax time.Duration
+	// Logger optionally receives the reconciler's logs; if nil,
+	// slog.Default().
+	Logger *slog.Logger
+}
+
+const (
+	defaultRetryMin = time.Second
+	defaultRetryMax = 30 * time.Second
+)
+
+// Reconciler applies the desired state of every namespace. Create it with
+// New; its methods may be called from any goroutine.
+type Reconciler struct {
+	cfg    Config
+	log    *slog.Logger
+	ctx    context.Context // parents every set-up; Close cancels it
+	cancel context.CancelFunc
+	setups histogram
+
+	mu      sync.Mutex
+	closed  bool
+	desired []Namespace // sorted by key, as last handed over
+	keys    map[string]*keyState
+	workers sync.WaitGroup
+}
+
+// keyState is one namespace's delivery. At most one worker runs per key.
+type keyState struct {
+	want    *Namespace    // desired now; nil: to be removed
+	sent    *Namespace    // handed to the paths last (maybe still in flight)
+	err     error         // result of the last completed attempt
+	pending bool          // want differs from what was last done successfully
+	running bool          // a worker owns this key
+	wake    chan struct{} // pokes a worker waiting out its back-off
+	setup   time.Duration // duration of the last successful Apply
+}
+
+// New returns a Reconciler for cfg with nothing desired yet.
+func New(cfg Config) *Reconciler {
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = defaultRetryMin
+	}
+	if cfg.RetryMax < cfg.RetryMin {
+		cfg.RetryMax = max(defaultRetryMax, cfg.RetryMin)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	r := &Reconciler{cfg: cfg, log: log.With("component", "reconcile"), keys: make(map[string]*keyState)}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
+	return r
+}
+
+// Desire replaces the whole desired state: every namespace in ns is to be
+// set up as it says, every other one known so far is to be removed. ns must
+// have distinct keys and is not modified; Desire keeps it.
+func (r *Reconciler) Desire(ns []Namespace) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return
+	}
+	sorted := slices.Clone(ns)
+	slices.SortFunc(sorted, func(a, b Namespace) int { return strings.Compare(a.Key, b.Key) })
+	r.desired = sorted
+	seen := make(map[string]bool, len(sorted))
+	for i := range sorted {
+		seen[sorted[i].Key] = true
+		r.wantLocked(sorted[i].Key, &sorted[i])
+	}
+	for key := range r.keys {
+		if !seen[key] {
+			r.wantLocked(key, nil)
+		}
+	}
+}
+
+func same(a, b *Namespace) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return a.Path == b.Path && maps.Equal(a.Routes, b.Routes)
+}
+
+// wantLocked records ns as key's desired state and makes sure a worker
+// delivers it if it differs from what was delivered. r.mu is held.
+func (r *Reconciler) wantLocked(key string, ns *Namespace) {
+	ks := r.keys[key]
+	if ks == nil {
+		if ns == nil {
+			return // never set up: nothing to remove
+		}
+		ks = &keyState{wake: make(chan struct{}, 1)}
+		r.keys[key] = ks
+	}
+	changed := !same(ns, ks.want)
+	ks.want = ns
+	if !changed && !ks.pending {
+		return
+	}
+	ks.pending = !same(ns, ks.sent) || ks.err != nil
+	switch {
+	case ks.running:
+		select {
+		case ks.wake <- struct{}{}:
+		default:
+		}
+	case ks.pending:
+		ks.running = true
+		r.workers.Add(1)
+		go r.deliver(key, ks)
+	case ks.want == nil && ks.sent == nil:
+		delete(r.keys, key)
+	}
+}
+
+// deliver runs one key's attempts until its desired state is in place (or
+// removed), then exits. Failures are retried after a back-off that a new
+// desired state cuts short.
+func (r *Reconciler) deliver(key string, ks *keyState) {
+	defer r.workers.Done()
+	backoff := time.Duration(0)
+	for {
+		r.mu.Lock()
+		if !ks.pending || r.ctx.Err() != nil {
+			ks.running = false
+			if ks.want == nil && ks.sent == nil {
+				delete(r.keys, key)
+			}
+			r.mu.Unlock()
+			return
+		}
+		want := ks.want
+		ks.pending, ks.sent = false, want
+		r.mu.Unlock()
+
+		start := time.Now()
+		err := r.attempt(key, want)
+		took := time.Since(start)
+		if want != nil && err == nil {
+			r.setups.observe(took)
+		}
+
+		r.mu.Lock()
+		ks.err = err
+		if err == nil {
+			if want == nil {
+				ks.sent = nil
+			} else {
+				ks.setup = took
+			}
+			backoff = 0
+			r.mu.Unlock()
+			r.logDone(key, want, took)
+			continue
+		}
+		if r.ctx.Err() != nil {
+			r.mu.Unlock()
+			continue
+		}
+		// Retry the latest state, whatever it is by then.
+		ks.pending = true
+		backoff = min(max(2*backoff, r.cfg.RetryMin), r.cfg.RetryMax)
+		r.mu.Unlock()
+		r.logFailure(key, want, err, backoff)
+		r.sleep(ks, backoff)
+	}
+}
+
+// attempt applies want through every path, or removes key from every path
+// when want is nil.
+func (r *Reconciler) attempt(key string, want *Namespace) error {
+	if want == nil {
+		var errs []error
+		for _, p := range slices.Backward(r.cfg.Paths) {
+			if err := p.Remove(r.ctx, key); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		return errors.Join(errs...)
+	}
+	for _, p := range r.cfg.Paths {
+		if err := p.Apply(r.ctx, key, want.Path, want.Routes); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *Reconciler) sleep(ks *keyState, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ks.wake:
+	case <-r.ctx.Done():
+	}
+}
+
+func (r *Reconciler) logDone(key string, want *Namespace, took time.Duration) {
+	if want == nil {
+		r.log.Debug("namespace removed", "key", short(key))
+		return
+	}
+	r.log.Debug("namespace set up", "key", short(key), "netns", want.Path, "routes", len(want.Routes), "took", took)
+}
+
+func (r *Reconciler) logFailure(key string, want *Namespace, err error, retry time.Duration) {
+	if want == nil {
+		r.log.Error("removing namespace; retrying", "key", short(key), "err", err, "in", retry)
+		return
+	}
+	r.log.Error("setting up namespace; retrying", "key", short(key), "netns", want.Path, "err", err, "in", retry)
+}
+
+// Status is one namespace's desired state and how its delivery went.
+type Status struct {
+	Namespace
+	// Err is the last attempt's error, "" once an attempt succeeded.
+	Err string
+	// Applied reports whether the desired state is in place.
+	Applied bool
+	// Setup is how long the last successful set-up took.
+	Setup time.Duration
+}
+
+// Status returns every desired namespace, sorted by key, with its delivery
+// state. It never waits for a set-up.
+func (r *Reconciler) Status() []Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]Status, 0, len(r.desired))
+	for _, ns := range r.desired {
+		st := Status{Namespace: ns}
+		st.Containers = slices.Clone(ns.Containers)
+		st.Routes = maps.Clone(ns.Routes)
+		if ks := r.keys[ns.Key]; ks != nil {
+			if ks.err != nil {
+				st.Err = ks.err.Error()
+			}
+			st.Applied = ks.err == nil && !ks.pending && same(ks.sent, ks.want)
+			st.Setup = ks.setup
+		}
+		out = append(out, st)
+	}
+	return out
+}
+
+// SetupTimes returns the distribution of successful set-up durations since
+// New.
+func (r *Reconciler) SetupTimes() Histogram { return r.setups.snapshot() }
+
+// Close cancels the set-ups in flight, waits for every worker and makes
+// later calls to Desire do nothing. It leaves applied state in place:
+// tearing down is each path's own Close.
+func (r *Reconciler) Close() {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	r.cancel()
+	r.workers.Wait()
+}
+
+// Histogram is a cumulative distribution of durations, in seconds.
+type Histogram struct {
+	// Bounds are the buckets' upper bounds; Counts[i] counts observations
+	// ≤ Bounds[i] (cumulative, as Prometheus reports them).
+	Bounds []float64
+	Counts []uint64
+	Count  uint64
+	Sum    float64
+}
+
+// setupBounds reach from the few milliseconds a namespace takes to the
+// timeouts a stuck one hits.
+var setupBounds = []float64{.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10}
+
+type histogram struct {
+	mu     sync.Mutex
+	counts [13]uint64 // per bucket, the last for +Inf
+	sum    float64
+}
+
+func (h *histogram) observe(d time.Duration) {
+	s := d.Seconds()
+	i, _ := slices.BinarySearch(setupBounds, s)
+	h.mu.Lock()
+	h.counts[i]++
+	h.sum += s
+	h.mu.Unlock()
+}
+
+func (h *histogram) snapshot() Histogram {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := Histogram{Bounds: slices.Clone(setupBounds), Counts: make([]uint64, len(setupBounds)), Sum: h.sum}
+	for i, n := range h.counts {
+		out.Count += n
+		if i < len(out.Counts) {
+			out.Counts[i] = out.Count
+		}
+	}
+	return out
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+// String is a Namespace for logs and test failures.
+func (ns Namespace) String() string {
+	return fmt.Sprintf("%s %s %v", short(ns.Key), ns.Path, ns.Routes)
+}
