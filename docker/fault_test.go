@@ -112,10 +112,10 @@ func TestFaultStreamClosedResubscribes(t *testing.T) {
 		t.Errorf("Stats() = %+v after a reconnection; want Reconnects ≥ 1 and Resyncs ≥ 2", st)
 	}
 
-	if n := len(logs.lines("docker event stream lost")); n != 1 {
+	if n := len(logs.Lines("docker event stream lost")); n != 1 {
 		t.Errorf("logged the loss %d times; want once:\n%s", n, logs)
 	}
-	if n := len(logs.lines("docker event stream back")); n != 1 {
+	if n := len(logs.Lines("docker event stream back")); n != 1 {
 		t.Errorf("logged the recovery %d times; want once:\n%s", n, logs)
 	}
 
@@ -141,7 +141,7 @@ func TestFaultEngineDownAtStart(t *testing.T) {
 	f.setDown(false)
 	sink.waitApplied(t, a, map[uint16]string{6000: "a"})
 	waitFor(t, "healthy", w.Healthy, sink)
-	if n := len(logs.lines("docker engine unreachable")); n != 1 {
+	if n := len(logs.Lines("docker engine unreachable")); n != 1 {
 		t.Errorf("logged unreachability %d times; want once:\n%s", n, logs)
 	}
 }
@@ -233,7 +233,7 @@ func TestFaultFailedApplyRetried(t *testing.T) {
 	if n := len(sink.callsFor(id)); n != 3 {
 		t.Errorf("got %d calls; want 3 (two failures, one success):\n%v", n, sink)
 	}
-	if len(logs.lines("setting up namespace", "injected failure")) == 0 {
+	if len(logs.Lines("setting up namespace", "injected failure")) == 0 {
 		t.Errorf("failure not logged:\n%s", logs)
 	}
 }
@@ -314,15 +314,15 @@ func TestFaultSkips(t *testing.T) {
 			t.Errorf("calls for a skipped container: %v", calls)
 		}
 	}
-	if n := len(logs.lines("host network mode", "container=hosty")); n != 1 {
+	if n := len(logs.Lines("host network mode", "container=hosty")); n != 1 {
 		t.Errorf("host mode warned %d times; want once:\n%s", n, logs)
 	}
 	for _, name := range []string{"joined-host", "in-host-netns"} {
-		if n := len(logs.lines("WARN", "container="+name)); n != 1 {
+		if n := len(logs.Lines("WARN", "container="+name)); n != 1 {
 			t.Errorf("%s warned %d times; want once:\n%s", name, n, logs)
 		}
 	}
-	if n := len(logs.lines("WARN", "pid-zero")) + len(logs.lines("WARN", "stopped")); n != 0 {
+	if n := len(logs.Lines("WARN", "pid-zero")) + len(logs.Lines("WARN", "stopped")); n != 0 {
 		t.Errorf("warned about a container without a process:\n%s", logs)
 	}
 	ns := w.Namespaces()

@@ -1,7 +1,6 @@
 package docker
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -16,6 +15,7 @@ import (
 
 	dockerapi "github.com/fsouza/go-dockerclient"
 
+	"github.com/connectable/connectable/internal/testenv"
 	"github.com/connectable/connectable/reconcile"
 )
 
@@ -177,46 +177,9 @@ func waitFor(t *testing.T, what string, cond func() bool, state fmt.Stringer) {
 	}
 }
 
-// logBuffer collects a logger's output for assertions and echoes it to the
-// test log.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-	t   *testing.T
-}
-
-func newLogger(t *testing.T) (*slog.Logger, *logBuffer) {
-	lb := &logBuffer{t: t}
-	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.buf.Write(p)
-	l.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-// lines returns the logged lines that contain every one of subs.
-func (l *logBuffer) lines(subs ...string) []string {
-	var out []string
-	for _, line := range strings.Split(l.String(), "\n") {
-		ok := line != ""
-		for _, s := range subs {
-			ok = ok && strings.Contains(line, s)
-		}
-		if ok {
-			out = append(out, line)
-		}
-	}
-	return out
+func newLogger(t *testing.T) (*slog.Logger, *testenv.SyncBuffer) {
+	var buf testenv.SyncBuffer
+	return testenv.Logger(t, &buf), &buf
 }
 
 // startWatcher runs w until the test ends and checks that Run returns nil
@@ -447,7 +410,7 @@ func (s *recordingSink) status(key string) (reconcile.Status, bool) {
 }
 
 // newFakeWatcher returns a watcher on a fake engine with quick retries.
-func newFakeWatcher(t *testing.T, f *fakeEngine, sink *recordingSink, resync time.Duration) (*Watcher, *logBuffer) {
+func newFakeWatcher(t *testing.T, f *fakeEngine, sink *recordingSink, resync time.Duration) (*Watcher, *testenv.SyncBuffer) {
 	logger, lb := newLogger(t)
 	w := newWatcher(Config{Sink: sink.via(t, logger), ResyncInterval: resync, Logger: logger}, f)
 	w.backoff = [2]time.Duration{10 * time.Millisecond, 50 * time.Millisecond}

@@ -25,7 +25,7 @@ func TestRealEventStreamLost(t *testing.T) {
 
 	r.Down()
 	waitFor(t, "unhealthy", func() bool { return !w.Healthy() }, sink)
-	waitFor(t, "loss logged", func() bool { return len(logs.lines("WARN", "docker event stream lost")) == 1 }, sink)
+	waitFor(t, "loss logged", func() bool { return len(logs.Lines("WARN", "docker event stream lost")) == 1 }, sink)
 	// Missed while down: b starts, a stops.
 	b := run(t, append([]string{"--label", "connect.6001=" + sink.svc("b")}, img...)...)
 	testenv.Run(t, "docker", "stop", "-t", "0", a)
@@ -34,7 +34,7 @@ func TestRealEventStreamLost(t *testing.T) {
 	sink.waitApplied(t, b, map[uint16]string{6001: sink.svc("b")})
 	sink.waitRemoved(t, a)
 	waitFor(t, "healthy again", w.Healthy, sink)
-	if n := len(logs.lines("docker event stream back")); n != 1 {
+	if n := len(logs.Lines("docker event stream back")); n != 1 {
 		t.Errorf("recovery logged %d times; want once", n)
 	}
 	// Events flow again (resync is 30s away).

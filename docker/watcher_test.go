@@ -18,7 +18,7 @@ import (
 
 // realWatcher starts a watcher on the real engine with a sink that records
 // only keys added with sink.watch.
-func realWatcher(t *testing.T, cfg Config) (*Watcher, *recordingSink, *logBuffer) {
+func realWatcher(t *testing.T, cfg Config) (*Watcher, *recordingSink, *testenv.SyncBuffer) {
 	t.Helper()
 	testenv.NeedDocker(t)
 	if cfg.Client == nil {
@@ -75,7 +75,7 @@ func TestRealContainerStartedBeforeRun(t *testing.T) {
 	img := sleeper(t)
 	id := run(t, append([]string{"--label", "connect.6000=redis.service.consul", "--label", "connect.6001=db"}, img...)...)
 
-	w, sink, _ := func() (*Watcher, *recordingSink, *logBuffer) {
+	w, sink, _ := func() (*Watcher, *recordingSink, *testenv.SyncBuffer) {
 		// Watch before Run, so the initial list's Apply is recorded.
 		testenv.NeedDocker(t)
 		client, err := NewClient("")
@@ -140,7 +140,7 @@ func TestRealSharedNamespace(t *testing.T) {
 	}
 	memberName := nameOf(t, member)
 	waitFor(t, "conflict warning", func() bool {
-		return len(logs.lines("WARN", "container="+memberName, "label=connect.7000", "claimed_by=")) == 1
+		return len(logs.Lines("WARN", "container="+memberName, "label=connect.7000", "claimed_by=")) == 1
 	}, sink)
 
 	// The owner restarts into a new namespace; the member stays in the
@@ -170,13 +170,13 @@ func TestRealHostNetworkSkipped(t *testing.T) {
 	host := run(t, append([]string{"--network", "host", "--label", "connect.6000=" + sink.svc("svc")}, img...)...)
 	name := nameOf(t, host)
 	waitFor(t, "host mode warning", func() bool {
-		return len(logs.lines("WARN", "host network mode", "container="+name)) > 0
+		return len(logs.Lines("WARN", "host network mode", "container="+name)) > 0
 	}, sink)
 	// Joining it puts a container in the host's namespace too.
 	joined := run(t, append([]string{"--network", "container:" + host, "--label", "connect.6001=" + sink.svc("svc")}, img...)...)
 	joinedName := nameOf(t, joined)
 	waitFor(t, "joined host warning", func() bool {
-		return len(logs.lines("WARN", "host-mode", "container="+joinedName)) > 0
+		return len(logs.Lines("WARN", "host-mode", "container="+joinedName)) > 0
 	}, sink)
 	// A container started later is set up: events are handled in order,
 	// so the host one was decided on before.
@@ -187,7 +187,7 @@ func TestRealHostNetworkSkipped(t *testing.T) {
 			t.Errorf("sink calls for a container in the host's namespace: %v", calls)
 		}
 	}
-	if n := len(logs.lines("host network mode", "container="+name)); n != 1 {
+	if n := len(logs.Lines("host network mode", "container="+name)); n != 1 {
 		t.Errorf("warned %d times; want once:\n%s", n, logs)
 	}
 }
@@ -233,7 +233,7 @@ func TestRealBadLabels(t *testing.T) {
 	// Several resyncs pass; each bad label is still logged once.
 	time.Sleep(time.Second)
 	for k := range bad {
-		if n := len(logs.lines("WARN", "container="+name, "label="+k+" ")); n != 1 {
+		if n := len(logs.Lines("WARN", "container="+name, "label="+k+" ")); n != 1 {
 			t.Errorf("label %s logged %d times; want once", k, n)
 		}
 	}

@@ -104,7 +104,7 @@ func newReconciler(t *testing.T, paths ...*recPath) (*Reconciler, *testenv.SyncB
 		ps = append(ps, p)
 	}
 	r := New(Config{Paths: ps, RetryMin: 10 * time.Millisecond, RetryMax: 40 * time.Millisecond,
-		Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+		Logger: testenv.Logger(t, &logs)})
 	t.Cleanup(r.Close)
 	return r, &logs
 }

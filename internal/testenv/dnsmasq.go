@@ -1,7 +1,6 @@
 package testenv
 
 import (
-	"bytes"
 	"fmt"
 	"net"
 	"os/exec"
@@ -132,23 +131,4 @@ func freePort(t testing.TB) int {
 	}
 	t.Fatalf("no loopback port free for both UDP and TCP")
 	return 0
-}
-
-// SyncBuffer is a bytes.Buffer that several goroutines may write, for the
-// output of processes that tests start.
-type SyncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *SyncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *SyncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
