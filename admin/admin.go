@@ -15,6 +15,7 @@
 package admin
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -27,6 +28,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 
 	"github.com/connectable/connectable/docker"
 	"github.com/connectable/connectable/proxy"
@@ -67,7 +69,21 @@ type Config struct {
 	Reconciler Reconciler
 	// Logger optionally receives the endpoint's logs; if nil, slog.Default().
 	Logger *slog.Logger
+	// MaxConns optionally caps the connections served at once (more wait
+	// in the listen queue); if 0, DefaultMaxConns.
+	MaxConns int
+	// Timeout optionally bounds reading one request and writing its
+	// answer, and (four times over) an idle keep-alive connection; if 0,
+	// DefaultTimeout.
+	Timeout time.Duration
 }
+
+// Defaults for Config's zero values. A scrape takes milliseconds; the bounds
+// are there so that clients that connect and stall cannot pile up.
+const (
+	DefaultMaxConns = 64
+	DefaultTimeout  = 10 * time.Second
+)
 
 // Admin serves the admin endpoint. Create it with New.
 type Admin struct {
@@ -102,7 +118,16 @@ func (a *Admin) Handler() http.Handler { return a.mux }
 
 // ServeListener serves the endpoint on ln until ctx ends, then closes it.
 func (a *Admin) ServeListener(ctx context.Context, ln net.Listener) error {
-	srv := &http.Server{Handler: a.mux, ReadHeaderTimeout: 10 * time.Second}
+	timeout := cmp.Or(a.cfg.Timeout, DefaultTimeout)
+	ln = netutil.LimitListener(ln, cmp.Or(a.cfg.MaxConns, DefaultMaxConns))
+	srv := &http.Server{
+		Handler:           a.mux,
+		ReadHeaderTimeout: timeout,
+		ReadTimeout:       timeout,
+		WriteTimeout:      timeout,
+		IdleTimeout:       4 * timeout,
+		ErrorLog:          slog.NewLogLogger(a.log.Handler(), slog.LevelDebug),
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

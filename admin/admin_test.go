@@ -2,11 +2,15 @@ package admin
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -153,5 +157,66 @@ func TestReadOnly(t *testing.T) {
 				t.Errorf("%s %s: %d; want 405", method, path, code)
 			}
 		}
+	}
+}
+
+// serve runs a on a loopback listener until the test ends.
+func serve(t *testing.T, a *Admin) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.ServeListener(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("ServeListener: %v", err)
+		}
+	})
+	return ln.Addr().String()
+}
+
+// TestConnectionCap: clients that connect and send nothing hold at most
+// MaxConns of the endpoint's connections; a request beyond them waits until
+// one is let go, and the server drops stalled clients after its Timeout.
+func TestConnectionCap(t *testing.T) {
+	a := New(Config{Version: "v1", Watcher: fakeWatcher{true}, MaxConns: 2, Timeout: 500 * time.Millisecond})
+	addr := serve(t, a)
+	var stalled []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		stalled = append(stalled, c)
+	}
+	client := &http.Client{Timeout: 200 * time.Millisecond, Transport: &http.Transport{DisableKeepAlives: true}}
+	// The two stalled clients hold both places (once the server took them).
+	time.Sleep(50 * time.Millisecond)
+	if resp, err := client.Get("http://" + addr + "/healthz"); err == nil {
+		resp.Body.Close()
+		t.Fatalf("a third client was served while two held the cap of 2")
+	}
+	// The server's read timeout frees the places: stalled clients see EOF.
+	for _, c := range stalled {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Errorf("a stalled client got bytes")
+		} else if errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("a stalled client was never dropped")
+		}
+	}
+	client.Timeout = 10 * time.Second
+	resp, err := client.Get("http://" + addr + "/healthz")
+	if err != nil {
+		t.Fatalf("after the stalled clients were dropped: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("/healthz: %s", resp.Status)
 	}
 }
