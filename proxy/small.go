@@ -140,4 +140,3 @@ func copySmall(dst, src *net.TCPConn) (int64, error) {
 	}
 	return c.written, nil // EOF
 }
-
