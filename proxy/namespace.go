@@ -158,14 +158,20 @@ func (sp *space) serve(s *Server) {
 // accept loops. A namespace that no longer exists (its container died) is
 // not an error.
 func (s *Server) teardown(sp *space) error {
-	var err error
-	if s.Redirector != nil {
-		if cerr := s.Redirector.Clear(sp.netns); cerr != nil && !gone(sp.netns) {
-			err = fmt.Errorf("clearing rules in %s: %w", sp.netns, cerr)
-		}
-	}
+	err := s.clearRules(sp)
 	sp.closeListeners()
 	return err
+}
+
+// clearRules removes the space's rules; see teardown.
+func (s *Server) clearRules(sp *space) error {
+	if s.Redirector == nil {
+		return nil
+	}
+	if err := s.Redirector.Clear(sp.netns); err != nil && !gone(sp.netns) {
+		return fmt.Errorf("clearing rules in %s: %w", sp.netns, err)
+	}
+	return nil
 }
 
 func (sp *space) closeListeners() {

@@ -288,7 +288,12 @@ func ctxDone(ctx context.Context, key string) error {
 
 // Remove stops relaying for the namespace known by key: it clears the rules,
 // closes the listeners and waits for their accept loops. Relayed connections
-// go on until they end by themselves or Close cuts them. Removing an unknown
+// are not closed, but in a namespace that outlives its rules they may not
+// survive them: once its last REDIRECT rule is gone the kernel can stop
+// tracking connections there, and the client's kernel then resets every
+// connection it had redirected (seen on Linux 6.18 with iptables-nft; the
+// usual caller removes namespaces that died, whose connections died with
+// them). Removing an unknown
 // key is not an error, nor is a Remove after Close, which removed everything.
 // If ctx ends while Remove waits for an Apply on key, it returns ctx's error
 // and leaves the namespace as it is.
@@ -315,10 +320,10 @@ func (s *Server) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-// Close stops accepting in every namespace and clears the rules, lets live
-// connections finish for DrainTimeout, then aborts them (a reset on both
-// sides, so neither peer takes a cut stream for a complete one), and returns
-// once every goroutine the server started has ended. Apply and Remove calls
+// Close stops accepting in every namespace, lets live connections finish
+// for DrainTimeout, then aborts them (a reset on both sides, so neither peer
+// takes a cut stream for a complete one), clears the rules, and returns once
+// every goroutine the server started has ended. Apply and Remove calls
 // in progress finish first; calls waiting for one return. Close is
 // idempotent.
 func (s *Server) Close() error {
@@ -334,14 +339,13 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 
 	// Nothing can take a slot any more; once the calls holding one are
-	// done, every space left is Close's to tear down.
+	// done, every space left is Close's.
 	s.ops.Wait()
-	var errs []error
+	var spaces []*space
 	for _, sl := range s.takeSlots() {
 		if sp := sl.sp.Swap(nil); sp != nil {
-			if err := s.teardown(sp); err != nil {
-				errs = append(errs, fmt.Errorf("removing %s: %w", sl.key, err))
-			}
+			sp.closeListeners()
+			spaces = append(spaces, sp)
 		}
 	}
 
@@ -359,6 +363,18 @@ func (s *Server) Close() error {
 		<-drained
 	}
 	s.baseCancel()
+
+	// The rules go last. Removing a namespace's last REDIRECT rule can
+	// switch connection tracking off there, and a redirected connection
+	// whose translation is forgotten is reset by the client's kernel: the
+	// drain would end at once. The aborts' resets, too, need the
+	// translation to reach the client.
+	var errs []error
+	for _, sp := range spaces {
+		if err := s.clearRules(sp); err != nil {
+			errs = append(errs, fmt.Errorf("removing %s: %w", sp.key, err))
+		}
+	}
 	close(s.done)
 	return errors.Join(errs...)
 }
