@@ -108,9 +108,11 @@ func (c *conn) dial() bool {
 }
 
 // finish ends the connection: it closes both sockets (already closed after
-// a relay), takes back its gauges, adds its bytes, leaves the connSet and,
-// at debug level, logs the one line of a relayed connection.
+// a relay), takes back its gauges, adds its bytes, at debug level logs the
+// one line of a relayed connection, and leaves the connSet last, so that
+// Close, which waits for the set to empty, waits for all of it.
 func (c *conn) finish() {
+	defer c.srv.conns.remove(c)
 	c.client.Close()
 	if c.backend != nil {
 		c.backend.Close()
@@ -122,9 +124,7 @@ func (c *conn) finish() {
 		c.sc.bytesDown.Add(uint64(c.down.n))
 	}
 	log := c.srv.log
-	relayed := c.backend != nil
-	c.srv.conns.remove(c)
-	if !relayed || !log.Enabled(context.Background(), slog.LevelDebug) {
+	if c.backend == nil || !log.Enabled(context.Background(), slog.LevelDebug) {
 		return
 	}
 	attrs := []any{"key", c.sp.key, "src", c.client.RemoteAddr(), "service", c.sc.name, "backend", c.ep,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -138,8 +139,11 @@ func TestNamespaceNeverWaitsForAnother(t *testing.T) {
 		st = s.Stats()
 		nss = s.Namespaces()
 	})
-	// Meant to take microseconds; 100 ms is already a stall worth failing.
-	if d > 100*time.Millisecond {
+	// They returned while the set-up is stuck, which is the point. They
+	// take microseconds (BenchmarkStatsWhileSetUpStuck); the bound only
+	// tells a slow machine from a stall like the 10 s xtables wait.
+	t.Logf("Stats and Namespaces took %v", d)
+	if d > time.Second {
 		t.Errorf("Stats and Namespaces took %v while another namespace's set-up was stuck", d)
 	}
 	if st.Namespaces["fast"] != 1 || len(nss) != 1 || nss[0].Key != "fast" || nss[0].Active != 1 {
@@ -231,5 +235,35 @@ func TestApplyContextEndsMidway(t *testing.T) {
 	// Nothing is held: the key can be applied at once.
 	if err := s.Apply(context.Background(), "c1", "ns", map[uint16]string{6000: "svc"}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// BenchmarkStatsWhileSetUpStuck times Stats and Namespaces, as /metrics and
+// /status call them, while one namespace's set-up is stuck in its rules and
+// ten others are applied. The target is well under 100 ms.
+func BenchmarkStatsWhileSetUpStuck(b *testing.B) {
+	g := newGate("stuck")
+	s := newServer(b, newResolver(false), func(s *Server) {
+		s.Redirector = gatedRedirector{&fakeRedirector{}, g}
+		s.Logger = testLogger(b, slog.LevelWarn)
+	})
+	ctx := context.Background()
+	for i := range 10 {
+		if err := s.Apply(ctx, fmt.Sprint("c", i), fmt.Sprint("ns", i), map[uint16]string{6000: "svc"}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	stuck := make(chan error, 1)
+	go func() { stuck <- s.Apply(ctx, "stuck", "stuck", map[uint16]string{6000: "svc"}) }()
+	<-g.entered
+	for b.Loop() {
+		if len(s.Stats().Namespaces) != 10 || len(s.Namespaces()) != 10 {
+			b.Fatal("namespaces missing")
+		}
+	}
+	b.StopTimer()
+	g.release()
+	if err := <-stuck; err != nil {
+		b.Fatal(err)
 	}
 }
