@@ -81,7 +81,7 @@ func (n *NAT) detect(hostNS string) (backend, reason string) {
 		for _, name := range []string{bins.save4, bins.save6} {
 			path, err := lookPath(name)
 			if err != nil {
-				n.log.Debug("iptables: backend detection skips a program", "program", name, "err", err)
+				n.log.Debug("backend detection skips a program", "program", name, "err", err)
 				continue
 			}
 			var out []byte
@@ -90,7 +90,7 @@ func (n *NAT) detect(hostNS string) (backend, reason string) {
 				return err
 			})
 			if err != nil {
-				n.log.Debug("iptables: backend detection skips a program", "program", name, "err", err)
+				n.log.Debug("backend detection skips a program", "program", name, "err", err)
 				continue
 			}
 			counts[b] += countRules(out)

@@ -243,6 +243,23 @@ func TestPortThenApplyListsOnce(t *testing.T) {
 	}
 }
 
+// TestPortReadingsInterleaved: set-ups of two namespaces that interleave,
+// as the proxy's do, each reuse their own Port's listing.
+func TestPortReadingsInterleaved(t *testing.T) {
+	n, v4, v6 := newFakeNAT(t)
+	n.Port("a")
+	n.Port("b")
+	v4.lists, v6.lists = 0, 0
+	for _, ns := range []string{"b", "a"} {
+		if err := n.Apply(ns, []uint16{6000}, 4000); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if v4.lists != 0 || v6.lists != 0 {
+		t.Errorf("Applies after interleaved Ports listed %d (v4) and %d (v6) times; want 0", v4.lists, v6.lists)
+	}
+}
+
 // TestPortReadingNotReused: Port's listing serves only an Apply of the same
 // namespace that no Clear preceded.
 func TestPortReadingNotReused(t *testing.T) {
@@ -278,7 +295,9 @@ func TestPortReadingNotReused(t *testing.T) {
 	t.Run("stale", func(t *testing.T) {
 		n, v4, _ := newFakeNAT(t)
 		n.Port("ns")
-		n.lastRead.at = n.lastRead.at.Add(-readReuse)
+		r := n.reads["ns"]
+		r.at = r.at.Add(-readReuse)
+		n.reads["ns"] = r
 		v4.lists = 0
 		if err := n.Apply("ns", []uint16{6000}, 4000); err != nil {
 			t.Fatal(err)

@@ -58,11 +58,6 @@ type Config struct {
 	Backend string
 	// Logger optionally specifies where to log; if nil, slog.Default().
 	Logger *slog.Logger
-	// HostNetNS optionally names the network namespace whose rules decide
-	// the "auto" backend; if empty, /proc/1/ns/net (the host's, also for a
-	// container run with --pid=host), or the caller's own namespace when
-	// that one cannot be entered.
-	HostNetNS string
 }
 
 // tables is the part of *goiptables.IPTables this package calls, plus
@@ -86,24 +81,27 @@ type NAT struct {
 
 	v6Warned atomic.Bool
 
-	// lastRead is what the latest Port call listed, for the Apply that
+	// reads holds what Port listed, by namespace path, for the Apply that
 	// follows it on the same namespace; see Port.
-	lastMu   sync.Mutex
-	lastRead portRead
+	readsMu sync.Mutex
+	reads   map[string]portRead
 }
 
 // portRead is one namespace's listings, as Port read them.
 type portRead struct {
-	path string
-	at   time.Time
-	v4   state
-	v6   *state // nil when Port did not list IPv6
+	at time.Time
+	v4 state
+	v6 *state // nil when Port did not list IPv6
 }
 
 // readReuse bounds how old Port's listings may be for Apply to trust them:
 // long enough to open a listener in between, too short for a stale reading
 // to outlive the container it came from.
 const readReuse = time.Second
+
+// maxReads bounds the listings kept for Applies to come: more set-ups than
+// this at once only cost the surplus its reuse.
+const maxReads = 256
 
 // New resolves the backend once, logs the choice once and returns a NAT for
 // it. It fails when the chosen backend's iptables programs are missing;
@@ -113,17 +111,15 @@ func New(cfg Config) (*NAT, error) {
 	if n.log == nil {
 		n.log = slog.Default()
 	}
+	n.log = n.log.With("component", "iptables")
 	backend, err := normalizeBackend(cfg.Backend)
 	if err != nil {
 		return nil, err
 	}
-	hostNS := cfg.HostNetNS
-	if hostNS == "" {
-		hostNS = defaultHostNetNS
-		if err := netns.Do(hostNS, func() error { return nil }); err != nil {
-			n.log.Debug("iptables: using own network namespace for backend detection", "err", err)
-			hostNS = ""
-		}
+	hostNS := defaultHostNetNS
+	if err := netns.Do(hostNS, func() error { return nil }); err != nil {
+		n.log.Debug("using own network namespace for backend detection", "err", err)
+		hostNS = ""
 	}
 	reason := "forced by configuration"
 	if backend == "" {
@@ -138,10 +134,10 @@ func New(cfg Config) (*NAT, error) {
 	}
 	n.v6, err = n.newTables(hostNS, goiptables.ProtocolIPv6, bins.ip6, bins.restore6)
 	if err != nil {
-		n.log.Warn("iptables: ipv6 rules disabled on this host", "backend", backend, "err", err)
+		n.log.Warn("ipv6 rules disabled on this host", "backend", backend, "err", err)
 		n.v6 = nil
 	}
-	n.log.Info("iptables: backend chosen", "backend", backend, "reason", reason)
+	n.log.Info("backend chosen", "backend", backend, "reason", reason)
 	return n, nil
 }
 
@@ -219,7 +215,7 @@ func (n *NAT) Clear(netnsPath string) error {
 	n.takeRead(netnsPath) // about to be outdated
 	if err := n.clear(netnsPath, n.v4); err != nil {
 		if _, statErr := os.Stat(netnsPath); errors.Is(statErr, fs.ErrNotExist) {
-			n.log.Debug("iptables: namespace gone, nothing to clear", "netns", netnsPath)
+			n.log.Debug("namespace gone, nothing to clear", "netns", netnsPath)
 			return nil
 		}
 		return fmt.Errorf("clearing ipv4 redirect rules in %s: %w", netnsPath, err)
@@ -266,18 +262,23 @@ func (n *NAT) clear(path string, t tables) error {
 // listen on the same port again and the rules of its previous run keep
 // working in the meantime. IPv4 rules are asked first, then IPv6 ones.
 //
-// An Apply to the same namespace within a second reuses what Port listed
-// instead of listing again: a new namespace then costs two iptables runs
-// fewer. The caller must not let anything else change the namespace's
-// rules in between.
+// The first Apply to the same namespace within a second reuses what Port
+// listed instead of listing again: a new namespace then costs two iptables
+// runs fewer, about a third of its set-up (BenchmarkSetUpOne against
+// BenchmarkSetUpOneNoReuse). This is a contract: between Port and that
+// Apply, nothing may change the namespace's rules, and only Clear (which
+// drops the reading) may be called for it. The proxy keeps it by holding
+// the namespace's lock across both; see proxy.Redirector. Readings of
+// several namespaces are kept apart, so set-ups that interleave keep the
+// saving.
 func (n *NAT) Port(netnsPath string) (uint16, error) {
 	st, err := n.read(netnsPath, n.v4)
 	if err != nil {
 		return 0, fmt.Errorf("reading ipv4 redirect rules in %s: %w", netnsPath, err)
 	}
-	r := portRead{path: netnsPath, v4: st}
+	r := portRead{v4: st}
 	if p := toPortOf(st.rules); p != 0 || n.v6 == nil {
-		n.keepRead(r)
+		n.keepRead(netnsPath, r)
 		return p, nil
 	}
 	st6, err := n.read(netnsPath, n.v6)
@@ -288,26 +289,39 @@ func (n *NAT) Port(netnsPath string) (uint16, error) {
 		return 0, fmt.Errorf("reading ipv6 redirect rules in %s: %w", netnsPath, err)
 	}
 	r.v6 = &st6
-	n.keepRead(r)
+	n.keepRead(netnsPath, r)
 	return toPortOf(st6.rules), nil
 }
 
-func (n *NAT) keepRead(r portRead) {
+func (n *NAT) keepRead(path string, r portRead) {
 	r.at = time.Now()
-	n.lastMu.Lock()
-	n.lastRead = r
-	n.lastMu.Unlock()
+	n.readsMu.Lock()
+	defer n.readsMu.Unlock()
+	if n.reads == nil {
+		n.reads = make(map[string]portRead)
+	}
+	if len(n.reads) >= maxReads {
+		for p, old := range n.reads {
+			if r.at.Sub(old.at) >= readReuse {
+				delete(n.reads, p)
+			}
+		}
+		if len(n.reads) >= maxReads {
+			return
+		}
+	}
+	n.reads[path] = r
 }
 
 // takeRead returns, once, Port's recent listings of netnsPath.
 func (n *NAT) takeRead(netnsPath string) (portRead, bool) {
-	n.lastMu.Lock()
-	defer n.lastMu.Unlock()
-	r := n.lastRead
-	if r.path != netnsPath {
+	n.readsMu.Lock()
+	defer n.readsMu.Unlock()
+	r, ok := n.reads[netnsPath]
+	if !ok {
 		return portRead{}, false
 	}
-	n.lastRead = portRead{}
+	delete(n.reads, netnsPath)
 	return r, time.Since(r.at) < readReuse
 }
 
@@ -361,7 +375,7 @@ func (n *NAT) v6Unusable(path, doing string, err error) error {
 	if !n.v6Warned.Swap(true) {
 		level = slog.LevelWarn
 	}
-	n.log.Log(context.Background(), level, "iptables: ipv6 nat table unusable, ipv4 rules only", "netns", path, "err", err)
+	n.log.Log(context.Background(), level, "ipv6 nat table unusable, ipv4 rules only", "netns", path, "err", err)
 	return nil
 }
 

@@ -3,175 +3,203 @@ package proxy
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/connectable/connectable/origdst"
 )
 
-// serveConn runs the dial phase of one accepted connection: original
-// destination port → service → endpoints → the first one that connects. It
-// then hands both connections to a relay and returns: the relay's two copy
-// goroutines start with small stacks, while this one's grew through
-// resolution and dialling, and an idle relayed connection should not keep
-// that stack alive.
-func (s *Server) serveConn(sp *space, client *net.TCPConn) {
-	r := s.dialPhase(sp, client)
-	if r == nil {
-		s.handlers.Done()
-		return
-	}
-	// The relay inherits this goroutine's count in s.handlers and adds
-	// one for its second goroutine.
-	s.handlers.Add(1)
-	go copyUp(r)
-	go copyDown(r)
+// conn owns one accepted connection from accept to its end: the client and,
+// once dialled, the backend; the gauges it holds up (its namespace's and its
+// service's Active) and the byte counts it adds; its entry in the server's
+// connSet, through which Close can abort it. It is ended exactly once, by
+// finish, from whichever of its goroutines ends last: serve when the dial
+// phase fails, else the second relay direction to end (relay.go).
+//
+// Its goroutines, in order: serve runs the dial phase (original destination
+// → route → endpoints → the first that connects) and then starts copyUp and
+// copyDown and returns. The copy goroutines start with small stacks, while
+// serve's grew through resolution and dialling, and an idle relayed
+// connection should not keep that stack alive.
+type conn struct {
+	srv    *Server
+	sp     *space
+	sc     *serviceCounters // nil until the connection has a route
+	client *net.TCPConn
+	// backend is set by connSet.attach, under the set's lock, so that cut
+	// sees either no backend or the one the relay uses.
+	backend *net.TCPConn
+	ep      netip.AddrPort
+	start   time.Time
+	// up counts bytes from client to backend, down the other way. Each is
+	// written by its direction before it decrements running, and read by
+	// the one that brings running to zero.
+	up, down copyResult
+	running  atomic.Int32 // relay directions still copying
 }
 
-// dialPhase returns the relay between client and the backend it dialled, or
-// nil after closing client and logging why not.
-func (s *Server) dialPhase(sp *space, client *net.TCPConn) *relay {
+// startConn takes a just accepted client into a conn of its own and starts
+// its dial phase.
+func (s *Server) startConn(sp *space, client *net.TCPConn) {
+	c := &conn{srv: s, sp: sp, client: client, start: time.Now()}
+	if !s.conns.add(c) {
+		abort(client)
+		return
+	}
 	sp.active.Add(1)
-	if !s.track(client) {
-		client.Close()
-		sp.active.Add(-1)
-		return nil
-	}
-	start := time.Now()
-	src := client.RemoteAddr()
-	fail := func() *relay {
-		client.Close()
-		s.untrack(client)
-		sp.active.Add(-1)
-		return nil
-	}
+	go c.serve()
+}
 
-	dst, err := s.origDst(client)
+// serve runs the dial phase and hands a connected pair to the relay.
+func (c *conn) serve() {
+	if !c.dial() {
+		c.finish()
+		return
+	}
+	c.running.Store(2)
+	go copyUp(c)
+	go copyDown(c)
+}
+
+// dial finds the client's service and connects to one of its endpoints. It
+// reports false, after logging why, when there is nothing to relay to.
+func (c *conn) dial() bool {
+	s := c.srv
+	src := c.client.RemoteAddr()
+	dst, err := s.origDst(c.client)
 	if err != nil {
 		s.stats.rejected.Add(1)
 		if errors.Is(err, origdst.ErrNotRedirected) {
-			s.log.Warn("direct connection to proxy port refused", "key", sp.key, "src", src)
+			s.log.Warn("direct connection to proxy port refused", "key", c.sp.key, "src", src)
 		} else {
-			s.log.Error("reading original destination", "key", sp.key, "src", src, "err", err)
+			s.log.Error("reading original destination", "key", c.sp.key, "src", src, "err", err)
 		}
-		return fail()
+		return false
 	}
-	service, ok := (*sp.routes.Load())[dst.Port()]
+	service, ok := (*c.sp.routes.Load())[dst.Port()]
 	if !ok {
 		s.stats.rejected.Add(1)
-		s.log.Warn("no route for port", "key", sp.key, "src", src, "port", dst.Port())
-		return fail()
+		s.log.Warn("no route for port", "key", c.sp.key, "src", src, "port", dst.Port())
+		return false
 	}
 
-	sc := s.stats.service(service)
-	sc.accepted.Add(1)
-	sc.active.Add(1)
+	c.sc = s.stats.service(service)
+	c.sc.accepted.Add(1)
+	c.sc.active.Add(1)
 	ctx, cancel := context.WithTimeout(s.baseCtx, s.dialTimeout())
-	backend, ep, err := s.dialService(ctx, service, sc)
+	backend, ep, err := s.dialService(ctx, service, c.sc)
 	cancel()
 	if err != nil {
-		sc.failed.Add(1)
-		sc.active.Add(-1)
-		s.log.Warn("no endpoint reachable", "key", sp.key, "src", src, "service", service,
-			"duration", time.Since(start), "err", err)
-		return fail()
+		c.sc.failed.Add(1)
+		s.log.Warn("no endpoint reachable", "key", c.sp.key, "src", src, "service", service,
+			"duration", time.Since(c.start), "err", err)
+		return false
 	}
-	r := &relay{s: s, sp: sp, sc: sc, client: client, backend: backend, ep: ep, start: start}
-	r.running.Store(2)
-	if !s.retrack(client, r) {
-		backend.Close()
-		sc.active.Add(-1)
-		return fail()
+	if !s.conns.attach(c, backend) {
+		abort(backend) // Close is cutting; it has aborted the client
+		return false
 	}
-	return r
+	c.ep = ep
+	return true
 }
 
-// finish accounts for and logs a relay whose both directions have ended.
-func (s *Server) finish(r *relay) {
-	s.untrack(r)
-	r.sp.active.Add(-1)
-	r.sc.active.Add(-1)
-	r.sc.bytesUp.Add(uint64(r.up.n))
-	r.sc.bytesDown.Add(uint64(r.down.n))
-	if !s.log.Enabled(context.Background(), slog.LevelDebug) {
+// finish ends the connection: it closes both sockets (already closed after
+// a relay), takes back its gauges, adds its bytes, at debug level logs the
+// one line of a relayed connection, and leaves the connSet last, so that
+// Close, which waits for the set to empty, waits for all of it.
+func (c *conn) finish() {
+	defer c.srv.conns.remove(c)
+	c.client.Close()
+	if c.backend != nil {
+		c.backend.Close()
+	}
+	c.sp.active.Add(-1)
+	if c.sc != nil {
+		c.sc.active.Add(-1)
+		c.sc.bytesUp.Add(uint64(c.up.n))
+		c.sc.bytesDown.Add(uint64(c.down.n))
+	}
+	log := c.srv.log
+	if c.backend == nil || !log.Enabled(context.Background(), slog.LevelDebug) {
 		return
 	}
-	attrs := []any{"key", r.sp.key, "src", r.client.RemoteAddr(), "service", r.sc.name, "backend", r.ep,
-		"up", r.up.n, "down", r.down.n, "duration", time.Since(r.start)}
-	if err := firstCause(r.up.err, r.down.err); err != nil {
+	attrs := []any{"key", c.sp.key, "src", c.client.RemoteAddr(), "service", c.sc.name, "backend", c.ep,
+		"up", c.up.n, "down", c.down.n, "duration", time.Since(c.start)}
+	if err := firstCause(c.up.err, c.down.err); err != nil {
 		// A reset ends connections every day: worth the one line, not a
 		// warning.
 		attrs = append(attrs, "err", err)
 	}
-	s.log.Debug("connection closed", attrs...)
+	log.Debug("connection closed", attrs...)
 }
 
-// dialService resolves service and dials its endpoints, healthy ones first,
-// until one connects or ctx ends. The error names every endpoint's failure.
-func (s *Server) dialService(ctx context.Context, service string, sc *serviceCounters) (*net.TCPConn, netip.AddrPort, error) {
-	eps, err := s.Resolver.Lookup(ctx, service)
-	if err != nil {
-		return nil, netip.AddrPort{}, fmt.Errorf("resolving %s: %w", service, err)
+// abort cuts the connection with a reset on both sides; Close uses it after
+// the drain. The relay directions then fail and finish as usual.
+func (c *conn) abort() {
+	abort(c.client)
+	if c.backend != nil {
+		abort(c.backend)
 	}
-	if len(eps) == 0 {
-		return nil, netip.AddrPort{}, fmt.Errorf("resolving %s: no endpoints", service)
-	}
-	eps = s.health.order(eps)
-	sc.setTried(eps)
-
-	var errs []error
-	for i, ep := range eps {
-		if ctx.Err() != nil {
-			errs = append(errs, fmt.Errorf("%s and %d more not tried: %w", ep, len(eps)-i-1, context.Cause(ctx)))
-			break
-		}
-		c, err := s.dialEndpoint(ctx, ep)
-		if err == nil {
-			s.health.succeeded(ep)
-			if i > 0 {
-				s.stats.failovers.Add(1)
-			}
-			return c, ep, nil
-		}
-		// A dial cut short by the whole phase's deadline (or by Close) says
-		// nothing about the endpoint: only its own timeout or refusal does.
-		if ctx.Err() == nil {
-			s.health.failed(ep, err)
-		}
-		errs = append(errs, fmt.Errorf("%s: %w", ep, err))
-	}
-	return nil, netip.AddrPort{}, errors.Join(errs...)
 }
 
-// dialEndpoint dials one endpoint under the connect timeout.
-func (s *Server) dialEndpoint(ctx context.Context, ep netip.AddrPort) (*net.TCPConn, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.connectTimeout())
-	defer cancel()
-	var (
-		c   net.Conn
-		err error
-	)
-	if s.Dial != nil {
-		c, err = s.Dial(ctx, "tcp", ep.String())
-	} else {
-		// Not Dialer.DialTCP: it binds before connecting even when given
-		// no local address, a syscall more and an ephemeral port held
-		// exclusively instead of shared across destinations.
-		var d net.Dialer
-		c, err = d.DialContext(ctx, "tcp", ep.String())
-	}
-	if err != nil {
-		return nil, err
-	}
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		// The relay splices between two TCP sockets; anything else would
-		// silently fall back to copying through user space.
-		c.Close()
-		return nil, fmt.Errorf("dial returned %T, not *net.TCPConn", c)
-	}
-	return tc, nil
+// connSet is every conn between accept and finish, for Close: to wait for
+// them to end, and to abort them when the drain time is over.
+type connSet struct {
+	mu      sync.Mutex
+	conns   map[*conn]struct{}
+	cutting bool
+	live    sync.WaitGroup // one count per conn in the set
 }
+
+func (cs *connSet) init() { cs.conns = make(map[*conn]struct{}) }
+
+// add takes c in. It reports false, and the caller must close c's client,
+// once Close is cutting.
+func (cs *connSet) add(c *conn) bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if cs.cutting {
+		return false
+	}
+	cs.conns[c] = struct{}{}
+	cs.live.Add(1)
+	return true
+}
+
+// attach gives c its backend, with add's result.
+func (cs *connSet) attach(c *conn, backend *net.TCPConn) bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if cs.cutting {
+		return false
+	}
+	c.backend = backend
+	return true
+}
+
+// remove lets c go; it is the last thing c's finish does with the set.
+func (cs *connSet) remove(c *conn) {
+	cs.mu.Lock()
+	delete(cs.conns, c)
+	cs.mu.Unlock()
+	cs.live.Done()
+}
+
+// cut aborts every connection in the set and refuses new ones. It returns
+// how many it aborted.
+func (cs *connSet) cut() int {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	cs.cutting = true
+	for c := range cs.conns {
+		c.abort()
+	}
+	return len(cs.conns)
+}
+
+// wait returns once every conn added has been removed.
+func (cs *connSet) wait() { cs.live.Wait() }

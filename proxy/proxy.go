@@ -11,6 +11,23 @@
 // connectable's own namespace until one answers and copies bytes both ways
 // with splice(2).
 //
+// Where things live:
+//
+//   - proxy.go: Server, its configuration, Apply, Remove and Close.
+//   - namespace.go: the per-key lock (slot) and the state in one namespace
+//     (space): listeners, routes, accept loops. Set-ups of different
+//     namespaces never wait for each other, and Stats and Namespaces never
+//     wait for a set-up.
+//   - conn.go: conn, the owner of one accepted connection from accept to
+//     finish (its counters, its tracking for Close, its one finish), and
+//     connSet, through which Close waits for and aborts connections.
+//   - dial.go: resolution and failover across endpoints.
+//   - relay.go: the two copy directions of a conn, half-close, the reset
+//     that ends a failed or cut relay.
+//   - small.go: the small-message copy mode and its buffer pool, measured
+//     by BenchmarkRequestResponse in small_test.go.
+//   - health.go, stats.go: passive endpoint health; counters and status.
+//
 // Typical usage:
 //
 //	srv := &proxy.Server{Resolver: res, Redirector: nat, Logger: log}
@@ -24,16 +41,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/connectable/connectable/netns"
@@ -46,6 +59,13 @@ type Resolver interface {
 }
 
 // Redirector installs the REDIRECT rules of one network namespace.
+//
+// The Server never overlaps two calls for one netns, and sets a new
+// namespace up with Port, then (listeners opened) Apply, with no other call
+// for that netns in between unless Apply is not reached, in which case
+// Clear may follow. An implementation may therefore let that Apply reuse
+// what Port read; iptables.NAT does, which saves about a third of a set-up.
+// (Two keys naming one netns path would break this; keys are namespaces.)
 type Redirector interface {
 	// Apply makes TCP connections to local addresses on ports go to toPort.
 	Apply(netns string, ports []uint16, toPort uint16) error
@@ -118,32 +138,20 @@ type Server struct {
 	health   health
 	stats    counters
 
-	// mu serialises configuration (Apply, Remove, Close) and guards spaces.
-	// The connection path never takes it.
-	mu     sync.Mutex
-	spaces map[string]*space
-	closed bool
-	done   chan struct{} // closed when Close has finished
+	// mu guards slots and closed, and is held only for operations on them:
+	// never across a listen, an iptables run or any other wait, so that
+	// one namespace's set-up never holds up another's, nor Stats.
+	mu      sync.Mutex
+	slots   map[string]*slot
+	closed  bool
+	closing chan struct{}  // closed when Close starts
+	ops     sync.WaitGroup // Apply and Remove calls between acquire and release
+	done    chan struct{}  // closed when Close has finished
 
-	// connMu guards the live connections, which Close may have to cut.
-	connMu  sync.Mutex
-	conns   map[io.Closer]struct{} // client conns while dialling, then relays
-	cutting bool
+	conns connSet // every accepted connection until it has finished
 	// baseCtx parents every dial phase; Close cancels it when draining ends.
 	baseCtx    context.Context
 	baseCancel context.CancelFunc
-	handlers   sync.WaitGroup // one per accepted connection
-}
-
-// space is the proxy's state in one network namespace.
-type space struct {
-	key, netns string
-	port       uint16
-	v4, v6     *net.TCPListener
-	routes     atomic.Pointer[map[uint16]string]
-	active     atomic.Int64
-	stop       chan struct{} // closed to end the accept loops' back-off sleeps
-	loops      sync.WaitGroup
 }
 
 func (s *Server) init() {
@@ -153,9 +161,10 @@ func (s *Server) init() {
 			s.log = slog.Default()
 		}
 		s.log = s.log.With("component", "proxy")
-		s.spaces = make(map[string]*space)
-		s.conns = make(map[io.Closer]struct{})
+		s.slots = make(map[string]*slot)
+		s.closing = make(chan struct{})
 		s.done = make(chan struct{})
+		s.conns.init()
 		s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 		s.health.init()
 	})
@@ -208,160 +217,139 @@ func (s *Server) drainTimeout() time.Duration {
 // the same netns keeps the listener and only replaces the rules and routes; a
 // call with another netns for the same key replaces everything. Connections
 // already relayed are never disturbed.
+//
+// Calls for one key run one at a time; calls for different keys never wait
+// for each other. If ctx ends while Apply waits for an earlier call on key,
+// or before a new namespace's listener and rules are in place, Apply undoes
+// what it did (listener closed, rules cleared) and returns ctx's error. Once
+// the rules of an already applied namespace have been rewritten, Apply
+// completes. After Close it returns ErrServerClosed.
 func (s *Server) Apply(ctx context.Context, key, netns string, routes map[uint16]string) error {
 	s.init()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return ErrServerClosed
+	sl, err := s.acquire(ctx, key)
+	if err != nil {
+		return err
+	}
+	defer s.release(sl, true)
+	if err := ctxDone(ctx, key); err != nil {
+		return err
 	}
 	routes = maps.Clone(routes)
 	ports := slices.Sorted(maps.Keys(routes))
 
-	sp := s.spaces[key]
+	sp := sl.sp.Load()
 	if sp != nil && sp.netns == netns {
-		// Ports being added need their route before their rule exists, ports
-		// being removed keep theirs until their rule is gone: publish the
-		// union while the rules change, the exact table afterwards.
-		old := sp.routes.Load()
-		union := make(map[uint16]string, len(*old)+len(routes))
-		maps.Copy(union, *old)
-		maps.Copy(union, routes)
-		sp.routes.Store(&union)
-		if s.Redirector != nil {
-			if err := s.Redirector.Apply(netns, ports, sp.port); err != nil {
-				sp.routes.Store(old)
-				return fmt.Errorf("redirecting ports %v of %s to %d: %w", ports, key, sp.port, err)
-			}
-		}
-		sp.routes.Store(&routes)
-		return nil
+		return s.reapply(sp, ports, routes)
 	}
 	if sp != nil {
 		s.log.Info("namespace of key changed, replacing its listener", "key", key, "old", sp.netns, "netns", netns)
+		sl.sp.Store(nil)
 		if err := s.teardown(sp); err != nil {
 			s.log.Warn("clearing rules of replaced namespace", "key", key, "netns", sp.netns, "err", err)
 		}
-		delete(s.spaces, key)
 	}
 
-	sp, err := s.open(key, netns)
+	sp, err = s.open(key, netns)
 	if err != nil {
 		return err
 	}
+	if err := ctxDone(ctx, key); err != nil {
+		sp.closeListeners()
+		return err
+	}
 	if s.Redirector != nil {
-		if err := s.Redirector.Apply(netns, ports, sp.port); err != nil {
+		err := s.Redirector.Apply(netns, ports, sp.port)
+		if err != nil {
+			err = fmt.Errorf("redirecting ports %v of %s to %d: %w", ports, key, sp.port, err)
+		} else {
+			err = ctxDone(ctx, key)
+		}
+		if err != nil {
 			// Rules that point at a port nobody listens on would turn the
 			// labelled ports into refused connections; take them back.
 			if cerr := s.Redirector.Clear(netns); cerr != nil && !gone(netns) {
 				s.log.Warn("clearing rules after failed apply", "key", key, "netns", netns, "err", cerr)
 			}
 			sp.closeListeners()
-			return fmt.Errorf("redirecting ports %v of %s to %d: %w", ports, key, sp.port, err)
+			return err
 		}
 	}
 	sp.routes.Store(&routes)
 	// Accepting starts only now that the routes are published; connections
 	// that arrived since the listener opened wait in its backlog.
-	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
-		if ln != nil {
-			sp.loops.Add(1)
-			go s.acceptLoop(sp, ln)
-		}
-	}
-	s.spaces[key] = sp
+	sp.serve(s)
+	sl.sp.Store(sp)
 	return nil
 }
 
-// open opens the listeners of a new space, on the configured port, on the
-// port a previous run's rules point at, or on a port the kernel picks.
-func (s *Server) open(key, netns string) (*space, error) {
-	port := s.Port
-	if port == 0 && s.Redirector != nil {
-		p, err := s.Redirector.Port(netns)
-		if err != nil {
-			s.log.Warn("reading the port of existing rules", "key", key, "netns", netns, "err", err)
+// reapply replaces the rules and routes of a space that keeps its listeners.
+func (s *Server) reapply(sp *space, ports []uint16, routes map[uint16]string) error {
+	// Ports being added need their route before their rule exists, ports
+	// being removed keep theirs until their rule is gone: publish the
+	// union while the rules change, the exact table afterwards.
+	old := sp.routes.Load()
+	union := make(map[uint16]string, len(*old)+len(routes))
+	maps.Copy(union, *old)
+	maps.Copy(union, routes)
+	sp.routes.Store(&union)
+	if s.Redirector != nil {
+		if err := s.Redirector.Apply(sp.netns, ports, sp.port); err != nil {
+			sp.routes.Store(old)
+			return fmt.Errorf("redirecting ports %v of %s to %d: %w", ports, sp.key, sp.port, err)
 		}
-		port = p
 	}
-	v4, v6, err := s.listen(netns, port)
-	if err != nil && s.Port == 0 && port != 0 {
-		s.log.Warn("previous proxy port unavailable, picking another", "key", key, "netns", netns, "port", port, "err", err)
-		v4, v6, err = s.listen(netns, 0)
+	sp.routes.Store(&routes)
+	return nil
+}
+
+// ctxDone returns ctx's error, naming key, once ctx has ended.
+func ctxDone(ctx context.Context, key string) error {
+	if ctx.Err() == nil {
+		return nil
 	}
-	if err != nil {
-		return nil, fmt.Errorf("listening in namespace %s of %s: %w", netns, key, err)
-	}
-	sp := &space{
-		key:   key,
-		netns: netns,
-		port:  uint16(v4.Addr().(*net.TCPAddr).Port),
-		v4:    v4,
-		v6:    v6,
-		stop:  make(chan struct{}),
-	}
-	if v6 == nil {
-		s.log.Info("namespace has no IPv6 loopback, relaying IPv4 only", "key", key, "netns", netns, "port", sp.port)
-	}
-	return sp, nil
+	return fmt.Errorf("setting up %s: %w", key, context.Cause(ctx))
 }
 
 // Remove stops relaying for the namespace known by key: it clears the rules,
 // closes the listeners and waits for their accept loops. Relayed connections
-// go on until they end by themselves or Close cuts them. Removing an unknown
-// key is not an error.
+// are not closed, but in a namespace that outlives its rules they may not
+// survive them: once its last REDIRECT rule is gone the kernel can stop
+// tracking connections there, and the client's kernel then resets every
+// connection it had redirected (seen on Linux 6.18 with iptables-nft; the
+// usual caller removes namespaces that died, whose connections died with
+// them). Removing an unknown
+// key is not an error, nor is a Remove after Close, which removed everything.
+// If ctx ends while Remove waits for an Apply on key, it returns ctx's error
+// and leaves the namespace as it is.
 func (s *Server) Remove(ctx context.Context, key string) error {
 	s.init()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	sp := s.spaces[key]
+	sl, err := s.acquire(ctx, key)
+	if errors.Is(err, ErrServerClosed) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer s.release(sl, true)
+	if err := ctxDone(ctx, key); err != nil {
+		return err
+	}
+	sp := sl.sp.Swap(nil)
 	if sp == nil {
 		return nil
 	}
-	delete(s.spaces, key)
 	if err := s.teardown(sp); err != nil {
 		return fmt.Errorf("removing %s: %w", key, err)
 	}
 	return nil
 }
 
-// teardown clears the space's rules, closes its listeners and waits for its
-// accept loops. A namespace that no longer exists (its container died) is
-// not an error.
-func (s *Server) teardown(sp *space) error {
-	var err error
-	if s.Redirector != nil {
-		if cerr := s.Redirector.Clear(sp.netns); cerr != nil && !gone(sp.netns) {
-			err = fmt.Errorf("clearing rules in %s: %w", sp.netns, cerr)
-		}
-	}
-	sp.closeListeners()
-	return err
-}
-
-func (sp *space) closeListeners() {
-	close(sp.stop)
-	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
-		if ln != nil {
-			ln.Close()
-		}
-	}
-	sp.loops.Wait()
-}
-
-// gone reports whether the namespace file has disappeared, which means the
-// namespace died with its container and took its rules along.
-func gone(netns string) bool {
-	if netns == "" {
-		return false
-	}
-	_, err := os.Stat(netns)
-	return errors.Is(err, fs.ErrNotExist)
-}
-
-// Close stops accepting in every namespace and clears the rules, lets live
-// connections finish for DrainTimeout, then closes them, and returns once
-// every goroutine the server started has ended. It is idempotent.
+// Close stops accepting in every namespace, lets live connections finish
+// for DrainTimeout, then aborts them (a reset on both sides, so neither peer
+// takes a cut stream for a complete one), clears the rules, and returns once
+// every goroutine the server started has ended. Apply and Remove calls
+// in progress finish first; calls waiting for one return. Close is
+// idempotent.
 func (s *Server) Close() error {
 	s.init()
 	s.mu.Lock()
@@ -371,103 +359,52 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
-	var errs []error
-	for key, sp := range s.spaces {
-		if err := s.teardown(sp); err != nil {
-			errs = append(errs, fmt.Errorf("removing %s: %w", key, err))
-		}
-		delete(s.spaces, key)
-	}
+	close(s.closing)
 	s.mu.Unlock()
 
+	// Nothing can take a slot any more; once the calls holding one are
+	// done, every space left is Close's.
+	s.ops.Wait()
+	var spaces []*space
+	for _, sl := range s.takeSlots() {
+		if sp := sl.sp.Swap(nil); sp != nil {
+			sp.closeListeners()
+			spaces = append(spaces, sp)
+		}
+	}
+
+	// The accept loops have ended: no connection joins s.conns any more.
 	drained := make(chan struct{})
-	go s.waitHandlers(drained)
+	go waitDrained(&s.conns, drained)
 	timer := time.NewTimer(s.drainTimeout())
 	select {
 	case <-drained:
 		timer.Stop()
 	case <-timer.C:
-		n := s.cut()
-		s.log.Warn("drain timeout, closing live connections", "connections", n, "timeout", s.drainTimeout())
+		s.baseCancel() // ends the dial phases
+		n := s.conns.cut()
+		s.log.Warn("drain timeout, aborting live connections", "connections", n, "timeout", s.drainTimeout())
 		<-drained
 	}
 	s.baseCancel()
+
+	// The rules go last. Removing a namespace's last REDIRECT rule can
+	// switch connection tracking off there, and a redirected connection
+	// whose translation is forgotten is reset by the client's kernel: the
+	// drain would end at once. The aborts' resets, too, need the
+	// translation to reach the client.
+	var errs []error
+	for _, sp := range spaces {
+		if err := s.clearRules(sp); err != nil {
+			errs = append(errs, fmt.Errorf("removing %s: %w", sp.key, err))
+		}
+	}
 	close(s.done)
 	return errors.Join(errs...)
 }
 
-// waitHandlers closes drained once every connection handler has returned.
-func (s *Server) waitHandlers(drained chan<- struct{}) {
-	s.handlers.Wait()
+// waitDrained closes drained once every connection has finished.
+func waitDrained(set *connSet, drained chan<- struct{}) {
+	set.wait()
 	close(drained)
-}
-
-// cut aborts every dial in progress and closes every live connection, and
-// makes track refuse new ones. It returns how many connections it closed.
-func (s *Server) cut() int {
-	s.baseCancel()
-	s.connMu.Lock()
-	defer s.connMu.Unlock()
-	s.cutting = true
-	for c := range s.conns {
-		c.Close()
-	}
-	return len(s.conns)
-}
-
-// track registers a live connection so that Close can cut it. It reports
-// false, and the caller must close c, when Close is already cutting.
-func (s *Server) track(c io.Closer) bool {
-	s.connMu.Lock()
-	defer s.connMu.Unlock()
-	if s.cutting {
-		return false
-	}
-	s.conns[c] = struct{}{}
-	return true
-}
-
-// retrack replaces old by c, with track's result.
-func (s *Server) retrack(old, c io.Closer) bool {
-	s.connMu.Lock()
-	defer s.connMu.Unlock()
-	if s.cutting {
-		return false
-	}
-	delete(s.conns, old)
-	s.conns[c] = struct{}{}
-	return true
-}
-
-func (s *Server) untrack(c io.Closer) {
-	s.connMu.Lock()
-	delete(s.conns, c)
-	s.connMu.Unlock()
-}
-
-// acceptLoop accepts connections on one listener of sp until it is closed.
-func (s *Server) acceptLoop(sp *space, ln *net.TCPListener) {
-	defer sp.loops.Done()
-	var delay time.Duration
-	for {
-		c, err := ln.AcceptTCP()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of descriptors or memory: back off like net/http's
-			// Server.Serve instead of spinning, and keep the listener.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			s.log.Error("accepting connection", "key", sp.key, "netns", sp.netns, "err", err, "retry", delay)
-			select {
-			case <-sp.stop:
-				return
-			case <-time.After(delay):
-			}
-			continue
-		}
-		delay = 0
-		s.handlers.Add(1)
-		go s.serveConn(sp, c)
-	}
 }

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -716,5 +717,55 @@ func TestRemoveGoneNamespace(t *testing.T) {
 	}
 	if len(s.Namespaces()) != 0 {
 		t.Errorf("namespaces left: %+v", s.Namespaces())
+	}
+}
+
+// TestDrainCutResets: a stream still flowing when the drain time is over is
+// aborted on both sides. A client that read part of a longer response must
+// see an error, not an EOF that would pass the truncated stream off as the
+// whole; the backend must see its peer gone too.
+func TestDrainCutResets(t *testing.T) {
+	testenv.CheckGoroutines(t)
+	checkFDs(t)
+	backendErr := make(chan error, 1)
+	be := startBackend(t, func(c *net.TCPConn) {
+		chunk := bytes.Repeat([]byte("response "), 1<<13) // 72 KiB
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				backendErr <- err
+				return
+			}
+		}
+	})
+	res := newResolver(false)
+	res.set("svc", be.addr)
+	s := newServer(t, res, func(s *Server) { s.DrainTimeout = 300 * time.Millisecond })
+	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
+		t.Fatal(err)
+	}
+	c := dialPort(t, proxyAddr(t, s, "c1"), 6000)
+	c.SetDeadline(time.Now().Add(time.Minute))
+	if _, err := io.CopyN(io.Discard, c, 650<<10); err != nil {
+		t.Fatalf("reading the first 650 KiB: %v", err)
+	}
+
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close() }()
+	n, err := io.Copy(io.Discard, c) // nil means EOF
+	if err == nil {
+		t.Errorf("the cut stream ended with EOF after %d more bytes; want an error", n)
+	} else if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the cut stream ended with %v; want a reset", err)
+	}
+	if err := <-closed; err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	select {
+	case err := <-backendErr:
+		if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
+			t.Errorf("backend's write after the cut: %v; want a reset or broken pipe", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Error("the backend's writes go on after the cut")
 	}
 }

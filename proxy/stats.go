@@ -76,7 +76,8 @@ func (c *counters) service(name string) *serviceCounters {
 
 func (sc *serviceCounters) setTried(eps []netip.AddrPort) { sc.tried.Store(&eps) }
 
-// Stats returns a snapshot of the server's counters.
+// Stats returns a snapshot of the server's counters. It never waits for an
+// Apply or Remove in progress.
 func (s *Server) Stats() Stats {
 	s.init()
 	st := Stats{
@@ -100,11 +101,9 @@ func (s *Server) Stats() Stats {
 		st.BytesDown += ss.BytesDown
 	}
 	s.stats.mu.Unlock()
-	s.mu.Lock()
-	for key, sp := range s.spaces {
-		st.Namespaces[key] = sp.active.Load()
+	for _, sp := range s.spaces() {
+		st.Namespaces[sp.key] = sp.active.Load()
 	}
-	s.mu.Unlock()
 	return st
 }
 
@@ -129,12 +128,14 @@ type RouteStatus struct {
 	Endpoints []EndpointStatus
 }
 
-// Namespaces describes every applied namespace, ordered by key.
+// Namespaces describes every applied namespace, ordered by key. Like Stats,
+// it never waits for an Apply or Remove in progress: a namespace being set
+// up appears once its rules are in, one being re-applied shows the routes
+// in effect.
 func (s *Server) Namespaces() []NamespaceStatus {
 	s.init()
-	s.mu.Lock()
 	var out []NamespaceStatus
-	for _, sp := range s.spaces {
+	for _, sp := range s.spaces() {
 		ns := NamespaceStatus{
 			Key:    sp.key,
 			NetNS:  sp.netns,
@@ -148,7 +149,6 @@ func (s *Server) Namespaces() []NamespaceStatus {
 		}
 		out = append(out, ns)
 	}
-	s.mu.Unlock()
 	for i := range out {
 		for j := range out[i].Routes {
 			r := &out[i].Routes[j]
