@@ -13,20 +13,31 @@
 # register is rebuilt every time, from the source of this checkout.
 # connectable:local itself comes from `make local-image`.
 #
-#   e2e/testdata/compose/images.sh     (from anywhere; needs Go, Docker, busybox-static)
+#   e2e/testdata/compose/images.sh [consul] [register] [busybox]   (default: all three)
+#
+# It runs from anywhere and needs Docker, plus Go for register and
+# busybox-static for busybox.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../../.." && pwd)
 consul=${CONNECTABLE_CONSUL:-/var/cache/connectable/consul-1.22.7}
 go=${GO:-go}
+want=" ${*:-consul register busybox} "
+for w in $want; do
+	case $w in consul | register | busybox) ;; *) echo "images: unknown image $w (consul, register, busybox)" >&2; exit 2 ;; esac
+done
+wanted() { [[ $want == *" $1 "* ]]; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# import ROOT TAG [--change ...]: ROOT's contents become image TAG.
+# import ROOT TAG [--change ...]: ROOT's contents become image TAG. The image
+# that had the tag before is removed, so rebuilding leaves nothing dangling.
 import() {
-	local root=$1 tag=$2
+	local root=$1 tag=$2 old new
 	shift 2
-	tar -C "$root" -c . | docker import "$@" - "$tag" >/dev/null
+	old=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
+	new=$(tar -C "$root" -c . | docker import "$@" - "$tag")
+	if [ -n "$old" ] && [ "$old" != "$new" ]; then docker rmi "$old" >/dev/null 2>&1 || true; fi
 	echo "$tag"
 }
 
@@ -42,7 +53,7 @@ skeleton() {
 have() { docker image inspect "$1" >/dev/null 2>&1; }
 
 tag=connectable-example/consul:1.22.7
-if ! have "$tag"; then
+if wanted consul && ! have "$tag"; then
 	[ -x "$consul" ] || { echo "images: no Consul at $consul; run make consul first" >&2; exit 1; }
 	root=$work/consul
 	skeleton "$root"
@@ -60,13 +71,15 @@ if ! have "$tag"; then
 	import "$root" "$tag" --change 'ENTRYPOINT ["/bin/consul"]' --change 'CMD ["agent", "-dev"]'
 fi
 
-root=$work/register
-skeleton "$root"
-(cd "$repo" && CGO_ENABLED=0 "$go" build -trimpath -o "$root/bin/register" ./internal/cmd/register)
-import "$root" connectable-example/register:local --change 'ENTRYPOINT ["/bin/register"]'
+if wanted register; then
+	root=$work/register
+	skeleton "$root"
+	(cd "$repo" && CGO_ENABLED=0 "$go" build -trimpath -o "$root/bin/register" ./internal/cmd/register)
+	import "$root" connectable-example/register:local --change 'ENTRYPOINT ["/bin/register"]'
+fi
 
 tag=connectable-example/busybox:local
-if ! have "$tag"; then
+if wanted busybox && ! have "$tag"; then
 	bb=$(command -v busybox) || { echo "images: busybox missing (apt-get install busybox-static)" >&2; exit 1; }
 	root=$work/busybox
 	skeleton "$root"
