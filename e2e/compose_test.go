@@ -130,6 +130,22 @@ func TestComposeRegistrator(t *testing.T) {
 // catalogClient asks Consul; the agent answers at once or not at all.
 var catalogClient = &http.Client{Timeout: 5 * time.Second}
 
+// TestComposeExampleInREADME keeps the README's Compose example the file
+// that TestComposeRegistrator runs.
+func TestComposeExampleInREADME(t *testing.T) {
+	file, err := os.ReadFile(composeFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(readme), "```yaml\n"+string(file)+"```\n") {
+		t.Errorf("README.md's Compose example differs from %s; copy the file into it", composeFile)
+	}
+}
+
 // compose runs docker-compose on the README's file, in a project of its own,
 // with an override that adds the test label to everything it creates.
 type compose struct {
