@@ -70,5 +70,5 @@ if [ "$mode" = test ]; then
 		echo "setup: warning: no Docker Engine answers (docker version fails); the Docker tests will fail until dockerd runs" >&2
 	fi
 	# make consul is a no-op when the cached build exists.
-	make --no-print-directory consul GO="${GO:-go}"
+	make -s --no-print-directory consul GO="${GO:-go}"
 fi
