@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"github.com/connectable/connectable/internal/testenv"
 	"io"
 	"log/slog"
 	"net"
@@ -52,10 +53,10 @@ func benchDial(b *testing.B, addr netip.AddrPort, proxied bool) *net.TCPConn {
 func BenchmarkConnect(b *testing.B) {
 	for _, proxied := range []bool{false, true} {
 		b.Run(mode(proxied), func(b *testing.B) {
-			be := startBackend(b, tagEcho('x'))
-			addr := be.addr
+			be := testenv.StartBackend(b, tagEcho('x'))
+			addr := be.Addr
 			if proxied {
-				_, addr = benchServer(b, be.addr)
+				_, addr = benchServer(b, be.Addr)
 			}
 			var buf [1]byte
 			b.ResetTimer()
@@ -112,10 +113,10 @@ func BenchmarkBulk(b *testing.B) {
 	chunk := make([]byte, 1<<20)
 	for _, proxied := range []bool{false, true} {
 		b.Run(mode(proxied), func(b *testing.B) {
-			be := startBackend(b, sink)
-			addr := be.addr
+			be := testenv.StartBackend(b, sink)
+			addr := be.Addr
 			if proxied {
-				_, addr = benchServer(b, be.addr)
+				_, addr = benchServer(b, be.Addr)
 			}
 			b.SetBytes(int64(len(chunk)))
 			b.ResetTimer()
@@ -130,12 +131,12 @@ func BenchmarkBulk(b *testing.B) {
 func BenchmarkBulkRatio(b *testing.B) {
 	const mib = 256
 	chunk := make([]byte, 1<<20)
-	be := startBackend(b, sink)
-	_, paddr := benchServer(b, be.addr)
+	be := testenv.StartBackend(b, sink)
+	_, paddr := benchServer(b, be.Addr)
 	var direct, proxied time.Duration
 	for b.Loop() {
 		start := time.Now()
-		bulk(b, be.addr, false, chunk, mib)
+		bulk(b, be.Addr, false, chunk, mib)
 		direct += time.Since(start)
 		start = time.Now()
 		bulk(b, paddr, true, chunk, mib)

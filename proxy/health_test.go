@@ -6,32 +6,14 @@ import (
 	"net"
 	"net/netip"
 	"slices"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/connectable/connectable/internal/testenv"
 )
 
-type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-}
-
-func newHealth() (*health, *fakeClock) {
-	clock := &fakeClock{now: time.Unix(1_000_000, 0)}
+func newHealth() (*health, *testenv.Clock) {
+	clock := testenv.NewClock()
 	var h health
 	h.init()
 	h.now = clock.Now
@@ -124,12 +106,12 @@ func TestPassiveBackoff(t *testing.T) {
 	}
 	bAddr := bln.Addr().(*net.TCPAddr).AddrPort()
 	bln.Close()
-	a := startBackend(t, tagEcho('a'))
+	a := testenv.StartBackend(t, tagEcho('a'))
 	res := newResolver(true)
-	res.set("svc", a.addr, bAddr)
+	res.set("svc", a.Addr, bAddr)
 	s := newServer(t, res, nil)
 	s.init()
-	clock := &fakeClock{now: time.Unix(1_000_000, 0)}
+	clock := testenv.NewClock()
 	s.health.now = clock.Now
 	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
 		t.Fatal(err)
@@ -162,13 +144,13 @@ func TestPassiveBackoff(t *testing.T) {
 	if err != nil {
 		t.Fatalf("reviving b on its old port: %v", err)
 	}
-	b := serveBackend(t, bln, tagEcho('b'))
+	b := testenv.ServeBackend(t, bln, tagEcho('b'))
 	clock.Advance(backoffMin)
 	counts := map[byte]int{}
 	for range 40 {
 		counts[reach()]++
 	}
-	if counts['b'] == 0 || b.accepted.Load() == 0 {
+	if counts['b'] == 0 || b.Accepted.Load() == 0 {
 		t.Errorf("b back for 40 connections got none: %v", counts)
 	}
 	eps = s.Namespaces()[0].Routes[0].Endpoints
@@ -202,7 +184,7 @@ func TestAllFailedStillTried(t *testing.T) {
 	if err != nil {
 		t.Fatalf("reviving a: %v", err)
 	}
-	serveBackend(t, ln, tagEcho('a'))
+	testenv.ServeBackend(t, ln, tagEcho('a'))
 	if got := readTag(t, dialPort(t, addr, 6000)); got != 'a' {
 		t.Errorf("reached %q; want a", got)
 	}

@@ -13,7 +13,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -194,68 +193,6 @@ func newServer(t testing.TB, res *fakeResolver, mod func(*Server)) *Server {
 		}
 	})
 	return s
-}
-
-// backend is a real TCP server on loopback.
-type backend struct {
-	ln       *net.TCPListener
-	addr     netip.AddrPort
-	accepted atomic.Int64
-	handle   func(*net.TCPConn)
-	mu       sync.Mutex
-	conns    map[*net.TCPConn]struct{}
-	wg       sync.WaitGroup
-}
-
-func startBackend(t testing.TB, handle func(*net.TCPConn)) *backend {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return serveBackend(t, ln, handle)
-}
-
-func serveBackend(t testing.TB, ln *net.TCPListener, handle func(*net.TCPConn)) *backend {
-	b := &backend{ln: ln, addr: ln.Addr().(*net.TCPAddr).AddrPort(), handle: handle, conns: map[*net.TCPConn]struct{}{}}
-	b.wg.Add(1)
-	go b.serve()
-	t.Cleanup(b.close)
-	return b
-}
-
-func (b *backend) serve() {
-	defer b.wg.Done()
-	for {
-		c, err := b.ln.AcceptTCP()
-		if err != nil {
-			return
-		}
-		b.accepted.Add(1)
-		b.mu.Lock()
-		b.conns[c] = struct{}{}
-		b.mu.Unlock()
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
-			b.handle(c)
-			c.Close()
-			b.mu.Lock()
-			delete(b.conns, c)
-			b.mu.Unlock()
-		}()
-	}
-}
-
-// close stops the backend and cuts its connections.
-func (b *backend) close() {
-	b.ln.Close()
-	b.mu.Lock()
-	for c := range b.conns {
-		c.Close()
-	}
-	b.mu.Unlock()
-	b.wg.Wait()
 }
 
 // tagEcho writes tag, then echoes until EOF.

@@ -88,9 +88,9 @@ func TestNamespaceNeverWaitsForAnother(t *testing.T) {
 	slow, fast := testenv.NewNetNS(t), testenv.NewNetNS(t)
 	checkFDs(t)
 
-	be := startBackend(t, tagEcho('a'))
+	be := testenv.StartBackend(t, tagEcho('a'))
 	res := newResolver(false)
-	res.set("a.service", be.addr)
+	res.set("a.service", be.Addr)
 	g := newGate(slow)
 	t.Cleanup(g.release) // before the server's Close, if the test fails early
 	s := &Server{Resolver: res, Redirector: gatedRedirector{execRedirector{t}, g}, Logger: testLogger(t, -4)}

@@ -21,11 +21,11 @@ import (
 func TestRoutesSeveralPorts(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	checkFDs(t)
-	a := startBackend(t, tagEcho('a'))
-	b := startBackend(t, tagEcho('b'))
+	a := testenv.StartBackend(t, tagEcho('a'))
+	b := testenv.StartBackend(t, tagEcho('b'))
 	res := newResolver(true)
-	res.set("a.service", a.addr)
-	res.set("b.service", b.addr)
+	res.set("a.service", a.Addr)
+	res.set("b.service", b.Addr)
 	red := &fakeRedirector{}
 	s := newServer(t, res, func(s *Server) { s.Redirector = red })
 	if err := s.Apply(context.Background(), "c1", "ns1", map[uint16]string{6000: "a.service", 6001: "b.service"}); err != nil {
@@ -75,8 +75,8 @@ func TestRoutesSeveralPorts(t *testing.T) {
 			t.Errorf("stats of %s: got %+v; want 3 accepted, %d bytes up, %d down", name, ss, 3*msg, 3*(msg+1))
 		}
 	}
-	if a.accepted.Load() != 3 || b.accepted.Load() != 3 {
-		t.Errorf("backends accepted %d and %d; want 3 each", a.accepted.Load(), b.accepted.Load())
+	if a.Accepted.Load() != 3 || b.Accepted.Load() != 3 {
+		t.Errorf("backends accepted %d and %d; want 3 each", a.Accepted.Load(), b.Accepted.Load())
 	}
 }
 
@@ -86,10 +86,10 @@ func itoa(p uint16) string {
 
 func TestFailoverClosedPort(t *testing.T) {
 	testenv.CheckGoroutines(t)
-	live := startBackend(t, tagEcho('l'))
+	live := testenv.StartBackend(t, tagEcho('l'))
 	dead := freePort(t)
 	res := newResolver(false)
-	res.set("svc", dead, live.addr)
+	res.set("svc", dead, live.Addr)
 	s := newServer(t, res, nil)
 	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
 		t.Fatal(err)
@@ -107,10 +107,10 @@ func TestFailoverClosedPort(t *testing.T) {
 
 func TestFailoverBlackhole(t *testing.T) {
 	testenv.CheckGoroutines(t)
-	live := startBackend(t, tagEcho('l'))
+	live := testenv.StartBackend(t, tagEcho('l'))
 	hole := testenv.Blackhole(t)
 	res := newResolver(false)
-	res.set("svc", hole, live.addr)
+	res.set("svc", hole, live.Addr)
 	const connect = 500 * time.Millisecond
 	s := newServer(t, res, func(s *Server) { s.ConnectTimeout = connect })
 	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
@@ -174,7 +174,7 @@ func TestHalfClose(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	// The backend reads the whole request, up to the client's EOF, and only
 	// then answers with its hash.
-	be := startBackend(t, func(c *net.TCPConn) {
+	be := testenv.StartBackend(t, func(c *net.TCPConn) {
 		h := sha256.New()
 		if _, err := io.Copy(h, c); err != nil {
 			return
@@ -183,7 +183,7 @@ func TestHalfClose(t *testing.T) {
 		c.CloseWrite()
 	})
 	res := newResolver(false)
-	res.set("svc", be.addr)
+	res.set("svc", be.Addr)
 	s := newServer(t, res, nil)
 	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
 		t.Fatal(err)
@@ -213,12 +213,12 @@ func TestHalfCloseTimeout(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	const timeout = 300 * time.Millisecond
 	testOver := make(chan struct{})
-	silent := startBackend(t, func(c *net.TCPConn) {
+	silent := testenv.StartBackend(t, func(c *net.TCPConn) {
 		io.Copy(io.Discard, c) // the request, up to the client's FIN
 		<-testOver             // then neither answer nor close
 	})
 	t.Cleanup(func() { close(testOver) }) // runs before the backend's cleanup
-	slow := startBackend(t, func(c *net.TCPConn) {
+	slow := testenv.StartBackend(t, func(c *net.TCPConn) {
 		io.Copy(io.Discard, c)
 		for i := 0; i < 8; i++ { // 8 bytes over 1.2 s, 4× the timeout
 			time.Sleep(150 * time.Millisecond)
@@ -229,8 +229,8 @@ func TestHalfCloseTimeout(t *testing.T) {
 		c.CloseWrite()
 	})
 	res := newResolver(false)
-	res.set("silent", silent.addr)
-	res.set("slow", slow.addr)
+	res.set("silent", silent.Addr)
+	res.set("slow", slow.Addr)
 	s := newServer(t, res, func(s *Server) { s.HalfCloseTimeout = timeout })
 	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "silent", 6001: "slow"}); err != nil {
 		t.Fatal(err)
@@ -284,7 +284,7 @@ func TestIntegrityLarge(t *testing.T) {
 		err            error
 	}
 	backendDone := make(chan result, 1)
-	be := startBackend(t, func(c *net.TCPConn) {
+	be := testenv.StartBackend(t, func(c *net.TCPConn) {
 		var r result
 		var wg sync.WaitGroup
 		wg.Add(1)
@@ -302,7 +302,7 @@ func TestIntegrityLarge(t *testing.T) {
 		backendDone <- r
 	})
 	res := newResolver(false)
-	res.set("svc", be.addr)
+	res.set("svc", be.Addr)
 	s := newServer(t, res, nil)
 	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
 		t.Fatal(err)
@@ -354,7 +354,7 @@ func TestBalance(t *testing.T) {
 	res := newResolver(true)
 	var eps []netip.AddrPort
 	for _, tag := range tags {
-		eps = append(eps, startBackend(t, tagEcho(tag)).addr)
+		eps = append(eps, testenv.StartBackend(t, tagEcho(tag)).Addr)
 	}
 	res.set("svc", eps...)
 	s := newServer(t, res, func(s *Server) { s.Logger = testLogger(t, slog.LevelInfo) })
@@ -400,11 +400,11 @@ func TestBalance(t *testing.T) {
 
 func TestRouteSwapDuringRelay(t *testing.T) {
 	testenv.CheckGoroutines(t)
-	a := startBackend(t, tagEcho('a'))
-	b := startBackend(t, tagEcho('b'))
+	a := testenv.StartBackend(t, tagEcho('a'))
+	b := testenv.StartBackend(t, tagEcho('b'))
 	res := newResolver(false)
-	res.set("a", a.addr)
-	res.set("b", b.addr)
+	res.set("a", a.Addr)
+	res.set("b", b.Addr)
 	red := &fakeRedirector{}
 	s := newServer(t, res, func(s *Server) { s.Redirector = red })
 	// A namespace may start with no routes at all (every label invalid).
@@ -444,9 +444,9 @@ func TestRouteSwapDuringRelay(t *testing.T) {
 func TestCloseDrains(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	checkFDs(t)
-	be := startBackend(t, tagEcho('e'))
+	be := testenv.StartBackend(t, tagEcho('e'))
 	res := newResolver(false)
-	res.set("svc", be.addr)
+	res.set("svc", be.Addr)
 	red := &fakeRedirector{}
 	s := newServer(t, res, func(s *Server) {
 		s.Redirector = red
@@ -497,10 +497,10 @@ func TestCloseDrains(t *testing.T) {
 func TestCloseForcesAfterDrainTimeout(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	checkFDs(t)
-	be := startBackend(t, tagEcho('e'))
+	be := testenv.StartBackend(t, tagEcho('e'))
 	hole := testenv.Blackhole(t)
 	res := newResolver(false)
-	res.set("svc", be.addr)
+	res.set("svc", be.Addr)
 	res.set("hole", hole)
 	s := newServer(t, res, func(s *Server) {
 		s.DrainTimeout = 300 * time.Millisecond
@@ -537,9 +537,9 @@ func TestCloseForcesAfterDrainTimeout(t *testing.T) {
 func TestRemoveThenApply(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	checkFDs(t)
-	be := startBackend(t, tagEcho('e'))
+	be := testenv.StartBackend(t, tagEcho('e'))
 	res := newResolver(false)
-	res.set("svc", be.addr)
+	res.set("svc", be.Addr)
 	red := &fakeRedirector{}
 	s := newServer(t, res, func(s *Server) { s.Redirector = red })
 	ctx := context.Background()
@@ -728,7 +728,7 @@ func TestDrainCutResets(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	checkFDs(t)
 	backendErr := make(chan error, 1)
-	be := startBackend(t, func(c *net.TCPConn) {
+	be := testenv.StartBackend(t, func(c *net.TCPConn) {
 		chunk := bytes.Repeat([]byte("response "), 1<<13) // 72 KiB
 		for {
 			if _, err := c.Write(chunk); err != nil {
@@ -738,7 +738,7 @@ func TestDrainCutResets(t *testing.T) {
 		}
 	})
 	res := newResolver(false)
-	res.set("svc", be.addr)
+	res.set("svc", be.Addr)
 	s := newServer(t, res, func(s *Server) { s.DrainTimeout = 300 * time.Millisecond })
 	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
 		t.Fatal(err)

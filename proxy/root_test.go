@@ -71,11 +71,11 @@ func TestRedirectThroughNamespace(t *testing.T) {
 	ns := testenv.NewNetNS(t)
 	checkFDs(t)
 
-	a := startBackend(t, tagEcho('a'))
-	b := startBackend(t, tagEcho('b'))
+	a := testenv.StartBackend(t, tagEcho('a'))
+	b := testenv.StartBackend(t, tagEcho('b'))
 	res := newResolver(false)
-	res.set("a.service", a.addr)
-	res.set("b.service", b.addr)
+	res.set("a.service", a.Addr)
+	res.set("b.service", b.Addr)
 	s := &Server{Resolver: res, Redirector: execRedirector{t}, Logger: testLogger(t, -4)}
 	t.Cleanup(func() {
 		if err := s.Close(); err != nil {

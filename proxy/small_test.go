@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"github.com/connectable/connectable/internal/testenv"
 	"io"
 	"net"
 	"testing"
@@ -17,7 +18,7 @@ func BenchmarkRequestResponse(b *testing.B) {
 	const size = 128
 	for _, proxied := range []bool{false, true} {
 		b.Run(mode(proxied), func(b *testing.B) {
-			be := startBackend(b, func(c *net.TCPConn) {
+			be := testenv.StartBackend(b, func(c *net.TCPConn) {
 				buf := make([]byte, size)
 				for {
 					if _, err := io.ReadFull(c, buf); err != nil {
@@ -28,9 +29,9 @@ func BenchmarkRequestResponse(b *testing.B) {
 					}
 				}
 			})
-			addr := be.addr
+			addr := be.Addr
 			if proxied {
-				_, addr = benchServer(b, be.addr)
+				_, addr = benchServer(b, be.Addr)
 			}
 			c := benchDial(b, addr, proxied)
 			defer c.Close()
