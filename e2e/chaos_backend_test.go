@@ -24,15 +24,15 @@ func TestChaosDeadEndpoints(t *testing.T) {
 	prerequisites(t)
 	refused := closedPort(t)
 	hole := testenv.Blackhole(t).Port()
-	reset := startTCPBackend(t, func(c net.Conn) {
+	reset := testenv.StartBackend(t, func(c *net.TCPConn) {
 		buf := make([]byte, 512)
 		_, _ = c.Read(buf)
 		_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial")
 		time.Sleep(50 * time.Millisecond)
-		c.(*net.TCPConn).SetLinger(0)
+		c.SetLinger(0)
 		c.Close()
 	})
-	hang := startTCPBackend(t, func(c net.Conn) {}) // holds the connection until the test ends
+	hang := testenv.StartBackend(t, hold) // never answers
 	ok := startBackend(t, "ok")
 
 	srvs, hosts := service("ok.service.test", ok)
@@ -42,8 +42,8 @@ func TestChaosDeadEndpoints(t *testing.T) {
 	}{
 		{"dead.service.test", "refused.node.test", refused},
 		{"dead.service.test", "hole.node.test", hole},
-		{"reset.service.test", "reset.node.test", reset.port()},
-		{"hang.service.test", "hang.node.test", hang.port()},
+		{"reset.service.test", "reset.node.test", reset.Port()},
+		{"hang.service.test", "hang.node.test", hang.Port()},
 	} {
 		s2, h2 := srvRecord(s.name, s.target, s.port)
 		srvs, hosts = merge(srvs, hosts, s2, h2)
@@ -156,10 +156,10 @@ func closedPort(t *testing.T) uint16 {
 // hold nothing for that connection: no goroutine, no descriptor.
 func TestChaosSilentEndpoint(t *testing.T) {
 	prerequisites(t)
-	hang := startTCPBackend(t, func(c net.Conn) {}) // holds the connection until the test ends
+	hang := testenv.StartBackend(t, hold) // never answers
 	ok := startBackend(t, "ok")
 	srvs, hosts := service("ok.service.test", ok)
-	s2, h2 := srvRecord("hang.service.test", "hang.node.test", hang.port())
+	s2, h2 := srvRecord("hang.service.test", "hang.node.test", hang.Port())
 	srvs, hosts = merge(srvs, hosts, s2, h2)
 	d := startDaemon(t, startDnsmasqAt(t, 0, srvs, hosts).Addr, "--connect-timeout", "500ms", "--dial-timeout", "2s",
 		"--half-close-timeout", "5s")
@@ -195,7 +195,7 @@ func TestChaosSilentEndpoint(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	t.Logf("%d clients saw nothing for 1s and gave up, %d saw an end (backend accepted %d)", hung, other, hang.accepted.Load())
+	t.Logf("%d clients saw nothing for 1s and gave up, %d saw an end (backend accepted %d)", hung, other, hang.Accepted.Load())
 	t.Logf("right after the clients gave up: %v", measure(t, d))
 	after := settle(t, d, base, 2, 30*time.Second, "after the clients gave up on a silent endpoint")
 	t.Logf("30s later at most: %v", after)

@@ -21,9 +21,9 @@ import (
 func TestChaosDockerUnreachable(t *testing.T) {
 	prerequisites(t)
 	web := startBackend(t, "web")
-	echoBe := startTCPBackend(t, echo)
+	echoBe := testenv.StartBackend(t, testenv.Echo)
 	srvs, hosts := service("web.service.test", web)
-	s2, h2 := srvRecord("echo.service.test", "echo.node.test", echoBe.port())
+	s2, h2 := srvRecord("echo.service.test", "echo.node.test", echoBe.Port())
 	srvs, hosts = merge(srvs, hosts, s2, h2)
 	relay := testenv.NewRelay(t, "/var/run/docker.sock")
 	d := startDaemon(t, testenv.Dnsmasq(t, srvs, hosts), "--docker-host", "unix://"+relay.Path)

@@ -16,8 +16,6 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -287,58 +285,9 @@ func waitServed(t *testing.T, ns string, port int, timeout time.Duration) string
 	return body
 }
 
-// tcpBackend is a raw TCP server on loopback whose behaviour per
-// connection a test chooses; it counts the connections it accepted.
-type tcpBackend struct {
-	ln       net.Listener
-	accepted atomic.Int64
-	wg       sync.WaitGroup
-	mu       sync.Mutex
-	conns    []net.Conn
-}
-
-func startTCPBackend(t *testing.T, handle func(c net.Conn)) *tcpBackend {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &tcpBackend{ln: ln}
-	b.wg.Add(1)
-	go func() {
-		defer b.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			b.accepted.Add(1)
-			b.mu.Lock()
-			b.conns = append(b.conns, c)
-			b.mu.Unlock()
-			b.wg.Add(1)
-			go func() { defer b.wg.Done(); handle(c) }()
-		}
-	}()
-	t.Cleanup(b.stop)
-	return b
-}
-
-func (b *tcpBackend) port() uint16 { return uint16(b.ln.Addr().(*net.TCPAddr).Port) }
-
-// stop closes the listener and every connection, then waits for handlers.
-func (b *tcpBackend) stop() {
-	b.ln.Close()
-	b.mu.Lock()
-	for _, c := range b.conns {
-		c.Close()
-	}
-	b.mu.Unlock()
-	b.wg.Wait()
-}
-
-// echo copies every byte back.
-func echo(c net.Conn) { _, _ = io.Copy(c, c); c.Close() }
+// hold reads what a client sends and never answers, until the client or
+// the test's end closes the connection.
+func hold(c *net.TCPConn) { _, _ = io.Copy(io.Discard, c) }
 
 // srvRecord registers one loopback port under an SRV name.
 func srvRecord(name, target string, port uint16) ([]testenv.SRV, map[string][]string) {

@@ -23,8 +23,8 @@ import (
 // with a fake original destination.
 func TestChaosNoOpenRelay(t *testing.T) {
 	prerequisites(t)
-	be := startTCPBackend(t, echo)
-	srvs, hosts := srvRecord("echo.service.test", "echo.node.test", be.port())
+	be := testenv.StartBackend(t, testenv.Echo)
+	srvs, hosts := srvRecord("echo.service.test", "echo.node.test", be.Port())
 	d := startDaemon(t, testenv.Dnsmasq(t, srvs, hosts))
 	id := container(t, "-l", "connect.6000=echo.service.test")
 	ns := netnsOf(t, id)
@@ -46,7 +46,7 @@ func TestChaosNoOpenRelay(t *testing.T) {
 	if proxyPort == 0 {
 		t.Fatalf("no proxy port for %.12s in /status", id)
 	}
-	accepted := be.accepted.Load()
+	accepted := be.Accepted.Load()
 	page, _ := scrape(d.admin)
 	rejected := metric(page, "connectable_connections_rejected_total")
 
@@ -78,7 +78,7 @@ func TestChaosNoOpenRelay(t *testing.T) {
 		}
 		return nil
 	})
-	if got := be.accepted.Load(); got != accepted {
+	if got := be.Accepted.Load(); got != accepted {
 		t.Errorf("the backend saw %d connections from direct connections to the proxy port", got-accepted)
 	}
 	if !d.waitLog("direct connection to proxy port refused", 5*time.Second) {

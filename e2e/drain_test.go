@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -15,67 +14,25 @@ import (
 	"github.com/connectable/connectable/netns"
 )
 
-// streamBackend is a raw TCP server on loopback that writes to every client
-// until the write fails, and reports each write's error.
-type streamBackend struct {
-	ln    net.Listener
-	errs  chan error
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-func startStreamBackend(t *testing.T) *streamBackend {
+// startStreamBackend starts a loopback backend that writes to every client
+// until the write fails, and reports each write's error on the channel.
+func startStreamBackend(t *testing.T) (*testenv.Backend, <-chan error) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &streamBackend{ln: ln, errs: make(chan error, 16)}
-	b.wg.Add(1)
-	go b.serve()
-	t.Cleanup(b.stop)
-	return b
-}
-
-func (b *streamBackend) serve() {
-	defer b.wg.Done()
+	errs := make(chan error, 16)
 	chunk := bytes.Repeat([]byte("stream "), 1<<13)
-	for {
-		c, err := b.ln.Accept()
-		if err != nil {
-			return
-		}
-		b.mu.Lock()
-		b.conns = append(b.conns, c)
-		b.mu.Unlock()
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
-			for {
-				if _, err := c.Write(chunk); err != nil {
-					select {
-					case b.errs <- err:
-					default:
-					}
-					return
+	be := testenv.StartBackend(t, func(c *net.TCPConn) {
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				select {
+				case errs <- err:
+				default:
 				}
+				return
 			}
-		}()
-	}
+		}
+	})
+	return be, errs
 }
-
-func (b *streamBackend) stop() {
-	b.ln.Close()
-	b.mu.Lock()
-	for _, c := range b.conns {
-		c.Close()
-	}
-	b.mu.Unlock()
-	b.wg.Wait()
-}
-
-func (b *streamBackend) port() uint16 { return uint16(b.ln.Addr().(*net.TCPAddr).Port) }
 
 // dialInContainer connects from inside a container's network namespace, as
 // software in the container would: the socket is created there and stays.
@@ -97,9 +54,9 @@ func dialInContainer(t *testing.T, id, addr string) (net.Conn, error) {
 // exits 0.
 func TestDrainCutResets(t *testing.T) {
 	prerequisites(t)
-	be := startStreamBackend(t)
+	be, beErrs := startStreamBackend(t)
 	dns := testenv.Dnsmasq(t,
-		[]testenv.SRV{{Name: "stream.service.test", Target: "stream.node.test", Port: be.port(), Priority: 1, Weight: 10}},
+		[]testenv.SRV{{Name: "stream.service.test", Target: "stream.node.test", Port: be.Port(), Priority: 1, Weight: 10}},
 		map[string][]string{"stream.node.test": {"127.0.0.1"}})
 	d := startDaemon(t, dns, "--drain-timeout", "1s")
 	id := container(t, "-l", "connect.6000=stream.service.test")
@@ -145,7 +102,7 @@ func TestDrainCutResets(t *testing.T) {
 		t.Errorf("no log line about the drain timeout")
 	}
 	select {
-	case err := <-be.errs:
+	case err := <-beErrs:
 		if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
 			t.Errorf("backend's write after the cut: %v; want a reset or broken pipe", err)
 		}
