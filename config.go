@@ -24,6 +24,7 @@ type config struct {
 	dnsMaxTTL      time.Duration
 	dnsNegTTL      time.Duration
 	dnsStale       time.Duration
+	dnsCacheSize   int
 	connectTimeout time.Duration
 	dialTimeout    time.Duration
 	drainTimeout   time.Duration
@@ -65,8 +66,17 @@ var options = []option{
 	{"dns-timeout", "CONNECTABLE_DNS_TIMEOUT", "2s", "timeout of one DNS query to one server", duration(func(c *config) *time.Duration { return &c.dnsTimeout })},
 	{"dns-min-ttl", "CONNECTABLE_DNS_MIN_TTL", "1s", "shortest time an answer is cached (Consul's TTL is 0)", duration(func(c *config) *time.Duration { return &c.dnsMinTTL })},
 	{"dns-max-ttl", "CONNECTABLE_DNS_MAX_TTL", "5m", "longest time an answer is cached", duration(func(c *config) *time.Duration { return &c.dnsMaxTTL })},
-	{"dns-negative-ttl", "CONNECTABLE_DNS_NEGATIVE_TTL", "1s", "time a missing name or empty answer is cached", duration(func(c *config) *time.Duration { return &c.dnsNegTTL })},
+	{"dns-negative-ttl", "CONNECTABLE_DNS_NEGATIVE_TTL", "1s", "time a missing name, an empty answer or a failed lookup (without a stale answer to use) is cached", duration(func(c *config) *time.Duration { return &c.dnsNegTTL })},
 	{"dns-stale", "CONNECTABLE_DNS_STALE", "1m", "how long an expired answer is still used while every DNS server fails", duration(func(c *config) *time.Duration { return &c.dnsStale })},
+	{"dns-cache-size", "CONNECTABLE_DNS_CACHE_SIZE", "10000", "most distinct label values whose answers are cached; beyond it, spent entries and then those not used lately are evicted",
+		func(c *config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				return errors.New("must be a whole number, at least 1")
+			}
+			c.dnsCacheSize = n
+			return nil
+		}},
 	{"connect-timeout", "CONNECTABLE_CONNECT_TIMEOUT", "3s", "timeout of one connection attempt to one endpoint", duration(func(c *config) *time.Duration { return &c.connectTimeout })},
 	{"dial-timeout", "CONNECTABLE_DIAL_TIMEOUT", "10s", "bound on resolving and trying every endpoint for one client connection", duration(func(c *config) *time.Duration { return &c.dialTimeout })},
 	{"drain-timeout", "CONNECTABLE_DRAIN_TIMEOUT", "10s", "on shutdown, how long live connections may finish before they are closed", duration(func(c *config) *time.Duration { return &c.drainTimeout })},

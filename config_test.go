@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/connectable/connectable/internal/testenv"
+	"github.com/connectable/connectable/resolver"
 )
 
 func env(kv ...string) func(string) string {
@@ -24,7 +25,7 @@ func TestParseConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(pos) != 0 || c.port != 0 || c.dns != nil || c.iptables != "auto" || c.connectTimeout != 3*time.Second ||
-		c.dnsMinTTL != time.Second || c.resync != 30*time.Second || c.logFormat != "text" {
+		c.dnsMinTTL != time.Second || c.resync != 30*time.Second || c.logFormat != "text" || c.dnsCacheSize != resolver.DefaultCacheSize {
 		t.Errorf("defaults: %+v, positional %v", c, pos)
 	}
 }
@@ -33,7 +34,7 @@ func TestParseConfigEnvAndFlags(t *testing.T) {
 	c, pos, err := parseConfig("connectable",
 		[]string{"redis.service.consul", "--dns", "127.0.0.1:8600", "--port=7000"},
 		env("PORT", "6500", "CONNECTABLE_CONNECT_TIMEOUT", "750ms", "DOCKER_HOST", "tcp://127.0.0.1:2375",
-			"CONNECTABLE_DNS", "192.0.2.1"),
+			"CONNECTABLE_DNS", "192.0.2.1", "CONNECTABLE_DNS_CACHE_SIZE", "500"),
 		&bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
@@ -49,6 +50,9 @@ func TestParseConfigEnvAndFlags(t *testing.T) {
 	}
 	if len(c.dns) != 1 || c.dns[0] != "127.0.0.1:8600" {
 		t.Errorf("dns = %v; want [127.0.0.1:8600]", c.dns)
+	}
+	if c.dnsCacheSize != 500 {
+		t.Errorf("dns cache size = %d; want 500 from the environment", c.dnsCacheSize)
 	}
 	if len(pos) != 1 || pos[0] != "redis.service.consul" {
 		t.Errorf("positional = %v", pos)
@@ -69,6 +73,9 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"zero duration", []string{"--dns-timeout", "0s"}, nil, "dns-timeout"},
 		{"not a duration", nil, []string{"CONNECTABLE_DNS_STALE", "soon"}, "CONNECTABLE_DNS_STALE"},
 		{"bad dns", []string{"--dns", "127.0.0.1:99999"}, nil, "dns"},
+		{"dns port with leading zero", []string{"--dns", "127.0.0.1:053"}, nil, `port "053": leading zero`},
+		{"zero cache size", []string{"--dns-cache-size", "0"}, nil, "dns-cache-size"},
+		{"cache size not a number", nil, []string{"CONNECTABLE_DNS_CACHE_SIZE", "1e4"}, "CONNECTABLE_DNS_CACHE_SIZE"},
 		{"bad iptables", []string{"--iptables", "ebtables"}, nil, "iptables"},
 		{"bad log level", []string{"--log-level", "loud"}, nil, "log-level"},
 		{"bad log format", nil, []string{"CONNECTABLE_LOG_FORMAT", "xml"}, "CONNECTABLE_LOG_FORMAT"},

@@ -107,6 +107,7 @@ func newResolver(c *config, log *slog.Logger) (*resolver.Resolver, error) {
 		MaxTTL:      c.dnsMaxTTL,
 		NegativeTTL: c.dnsNegTTL,
 		StaleFor:    c.dnsStale,
+		CacheSize:   c.dnsCacheSize,
 		Logger:      log,
 	})
 	if err != nil {

@@ -14,11 +14,20 @@ import (
 type answer struct {
 	groups []group // SRV priority groups, lowest priority first
 	n      int     // endpoints in all groups
-	err    error   // a cached negative answer (no such name, no endpoints); groups is empty
+	err    error   // a cached negative answer (no such name, no endpoints) or failure; groups is empty
 
 	expires    time.Time // fresh until then
 	staleUntil time.Time // after expiry, may stand in for a failed refresh until then
 	stale      bool      // this is an expired answer served because every server fails
+}
+
+// usableUntil returns the time after which a lookup can make no use of a:
+// the end of its stale period, if it has one, else its expiry.
+func (a *answer) usableUntil() time.Time {
+	if a.err == nil && a.staleUntil.After(a.expires) {
+		return a.staleUntil
+	}
+	return a.expires
 }
 
 // group is the targets of one SRV priority, prepared for the per-call

@@ -3,6 +3,7 @@ package resolver
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"testing"
 	"time"
 
@@ -102,5 +103,52 @@ func BenchmarkLookupCold(b *testing.B) {
 		if _, err := r.Lookup(ctx, name); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkLookupDistinct measures what a container that names many
+// distinct values costs: lookups of distinct ip:port values (no DNS, so
+// the cache alone) into a fresh resolver, with the default cache size
+// (which evicts beyond 10,000) and with one that holds every value.
+// Target: O(1) per value, so ns/value stays flat as the count grows, and a
+// live heap bounded by the cache size, reported as heap-B/entry.
+func BenchmarkLookupDistinct(b *testing.B) {
+	for _, bc := range []struct{ values, size int }{
+		{1000, 0}, {20000, 0}, {65535, 0}, {65535, 65535},
+	} {
+		b.Run(fmt.Sprintf("values=%d/size=%d", bc.values, bc.size), func(b *testing.B) {
+			values := make([]string, bc.values)
+			for i := range values {
+				values[i] = fmt.Sprintf("127.0.%d.%d:%d", i>>8&0xff, i&0xff, 1+i%65535)
+			}
+			cfg := Config{Servers: []string{"127.0.0.1:1"}, CacheSize: bc.size} // never asked: ip:port needs no DNS
+			fill := func() *Resolver {
+				r := newTestResolver(b, cfg, nil)
+				ctx := context.Background()
+				for _, v := range values {
+					if _, err := r.Lookup(ctx, v); err != nil {
+						b.Fatal(err)
+					}
+				}
+				return r
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				fill()
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*bc.values), "ns/value")
+
+			b.StopTimer()
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			r := fill()
+			runtime.GC()
+			runtime.ReadMemStats(&after)
+			n := r.Stats().Entries
+			b.ReportMetric(float64(n), "entries")
+			b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/float64(n), "heap-B/entry")
+			runtime.KeepAlive(r)
+		})
 	}
 }

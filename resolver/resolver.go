@@ -9,9 +9,12 @@
 // and AAAA queries. Answers are cached for the smallest TTL of the records
 // used, clamped between a floor and a ceiling; concurrent lookups of one
 // value share one query; when every server fails, an expired answer is
-// served for a bounded time. Every call returns a fresh copy in a fresh
-// random order: SRV priority groups lowest first, weighted random order
-// inside a group (RFC 2782).
+// served for a bounded time, and a value without one has its failure
+// cached as briefly as a negative answer, so a failing server sees one
+// query per value and interval, not one per connection. The cache holds a
+// bounded number of values (see cache for the eviction policy). Every call
+// returns a fresh copy in a fresh random order: SRV priority groups lowest
+// first, weighted random order inside a group (RFC 2782).
 //
 // Every use of github.com/miekg/dns stays inside this package.
 //
@@ -66,11 +69,16 @@ type Config struct {
 	// DefaultMaxTTL.
 	MaxTTL time.Duration
 	// NegativeTTL optionally sets how long "no such name" and "no endpoints"
-	// are cached; if 0, DefaultNegativeTTL.
+	// are cached, and failures (timeout, SERVFAIL, REFUSED, malformed reply)
+	// of a value that has no answer to serve stale; if 0, DefaultNegativeTTL.
 	NegativeTTL time.Duration
 	// StaleFor optionally sets how long after its expiry an answer may stand
 	// in when every server fails; if 0, DefaultStaleFor; if negative, never.
 	StaleFor time.Duration
+	// CacheSize optionally bounds the number of label values cached; if 0,
+	// DefaultCacheSize. When it is reached, a new value evicts a spent
+	// entry, or else one not looked up recently (see cache).
+	CacheSize int
 	// Logger optionally receives the resolver's log lines; if nil,
 	// slog.Default().
 	Logger *slog.Logger
@@ -95,18 +103,17 @@ type Resolver struct {
 
 	preferred atomic.Uint32 // index of the server that answered last
 
-	mu      sync.Mutex                        // serialises writers of entries
-	entries atomic.Pointer[map[string]*entry] // copy-on-write, so the hit path takes no lock
+	cache cache
 
 	stats counters
 }
 
 // entry is the cache slot of one label value.
 type entry struct {
-	key     string // the label value
-	value   parsedValue
-	created time.Time
-	ans     atomic.Pointer[answer] // latest answer, nil before the first
+	key   string // the label value
+	value parsedValue
+	ans   atomic.Pointer[answer] // latest answer, nil before the first
+	used  atomic.Bool            // looked up since the cache's clock hand last passed
 
 	mu   sync.Mutex
 	call *call // the query in flight, if any; guarded by mu
@@ -141,6 +148,13 @@ func New(cfg Config) (*Resolver, error) {
 			return nil, fmt.Errorf("creating resolver: negative %s %v", name, d)
 		}
 	}
+	if cfg.CacheSize < 0 {
+		return nil, fmt.Errorf("creating resolver: negative cache size %d", cfg.CacheSize)
+	}
+	r.cache.max = cfg.CacheSize
+	if r.cache.max == 0 {
+		r.cache.max = DefaultCacheSize
+	}
 	if r.minTTL > r.maxTTL {
 		return nil, fmt.Errorf("creating resolver: min TTL %v exceeds max TTL %v", r.minTTL, r.maxTTL)
 	}
@@ -170,7 +184,6 @@ func New(cfg Config) (*Resolver, error) {
 	}
 	r.udp = &dns.Client{Net: "udp", UDPSize: ednsSize, Timeout: r.timeout}
 	r.tcp = &dns.Client{Net: "tcp", Timeout: r.timeout}
-	r.entries.Store(&map[string]*entry{})
 	return r, nil
 }
 
@@ -216,7 +229,8 @@ func (r *Resolver) Servers() []string { return slices.Clone(r.servers) }
 // ErrNoSuchName, ErrNoEndpoints, ErrTimeout, ErrRefused, ErrServerFailure
 // and ErrMalformed, or the context's error.
 func (r *Resolver) Lookup(ctx context.Context, value string) ([]netip.AddrPort, error) {
-	if e := (*r.entries.Load())[value]; e != nil {
+	if e := r.cache.get(value); e != nil {
+		e.markUsed()
 		if a := e.ans.Load(); a != nil && r.now().Before(a.expires) {
 			r.stats.hits.Add(1)
 			return r.result(a)
@@ -247,30 +261,10 @@ func (r *Resolver) entry(value string) (*entry, error) {
 	if err != nil {
 		return nil, err
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	old := *r.entries.Load()
-	if e := old[value]; e != nil {
-		return e, nil
+	e, evicted := r.cache.add(&entry{key: value, value: v}, r.now())
+	if evicted > 0 {
+		r.stats.evictions.Add(uint64(evicted))
 	}
-	// Copy the map, leaving out entries nobody has refreshed for longer
-	// than any answer could still be used, which bounds the cache to the
-	// values in recent use.
-	now := r.now()
-	idle := r.maxTTL + max(r.staleFor, 0)
-	m := make(map[string]*entry, len(old)+1)
-	for k, e := range old {
-		last := e.created // never answered: only failures so far
-		if a := e.ans.Load(); a != nil {
-			last = a.expires
-		}
-		if now.Before(last.Add(idle)) {
-			m[k] = e
-		}
-	}
-	e := &entry{key: value, value: v, created: now}
-	m[value] = e
-	r.entries.Store(&m)
 	return e, nil
 }
 
@@ -373,12 +367,16 @@ func (r *Resolver) refresh(ctx context.Context, e *entry) (*answer, error) {
 		e.outage = false
 		r.log.Warn("dns servers still failing, stale answer too old", "name", e.key, "err", err)
 	}
+	// Cached like a negative answer: without it, every new connection
+	// would send the failing servers a query of its own (and, on timeouts,
+	// wait for it).
+	e.ans.Store(&answer{err: err, expires: now.Add(r.negTTL)})
 	return nil, err
 }
 
 // Stats is a snapshot of a Resolver's counters since New.
 type Stats struct {
-	CacheHits   uint64        // lookups answered from the cache (fresh, negative or stale)
+	CacheHits   uint64        // lookups answered from the cache (fresh, negative, failure or stale)
 	CacheMisses uint64        // lookups that queried the servers themselves
 	Shared      uint64        // lookups that waited for another lookup's queries
 	StaleServed uint64        // lookups answered with an expired answer because every server failed
@@ -386,12 +384,15 @@ type Stats struct {
 	QueryErrors uint64        // exchanges that failed: timeout, network, SERVFAIL, REFUSED, malformed (not NXDOMAIN)
 	Truncated   uint64        // UDP replies with the TC bit, retried over TCP
 	QueryTime   time.Duration // total duration of all exchanges: QueryTime/Queries is the mean latency
+	Evictions   uint64        // cache entries dropped to make room for another value
+	Entries     int           // label values in the cache now (at most Config.CacheSize)
 }
 
 type counters struct {
 	hits, misses, shared, stale atomic.Uint64
 	queries, queryErrors        atomic.Uint64
 	truncated, queryNanos       atomic.Uint64
+	evictions                   atomic.Uint64
 }
 
 // Stats returns the current counters.
@@ -406,5 +407,7 @@ func (r *Resolver) Stats() Stats {
 		QueryErrors: c.queryErrors.Load(),
 		Truncated:   c.truncated.Load(),
 		QueryTime:   time.Duration(c.queryNanos.Load()),
+		Evictions:   c.evictions.Load(),
+		Entries:     r.cache.len(),
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -726,7 +725,7 @@ func TestCachedAnswerNeverReordered(t *testing.T) {
 	first := lookup(t, r, "w.service.test")
 	want := sorted(first)
 
-	e := (*r.entries.Load())["w.service.test"]
+	e := r.cache.get("w.service.test")
 	snapshot := fmt.Sprint(e.ans.Load().groups)
 
 	// Callers scramble what they get, concurrently; -race reports any
@@ -802,28 +801,4 @@ func TestNoGoroutinesLeft(t *testing.T) {
 	r := newTestResolver(t, Config{}, newClock(), s)
 	wantSet(t, lookup(t, r, svc), wantWeb...)
 	wantSet(t, lookup(t, r, "one.node.test:1"), "127.0.0.1:1")
-}
-
-func TestIdleEntriesEvicted(t *testing.T) {
-	z := &zone{Records: append(srvRecords(t), addrRecords(t)...), Extra: map[string][]dns.RR{svc: addrRecords(t)}}
-	s := startServer(t, z.handle)
-	clock := newClock()
-	r := newTestResolver(t, Config{MaxTTL: time.Minute, StaleFor: time.Minute}, clock, s)
-	lookup(t, r, svc)
-	lookup(t, r, "127.0.0.1:1")
-	if err := lookupErr(t, r, "nope.service.test"); !errors.Is(err, ErrNoSuchName) {
-		t.Fatal(err)
-	}
-	clock.Advance(time.Minute)
-	lookup(t, r, "127.0.0.2:1") // adding an entry prunes: nothing is idle yet
-	if n := len(*r.entries.Load()); n != 4 {
-		t.Fatalf("%d entries; want 4", n)
-	}
-	clock.Advance(2 * time.Minute) // past expiry + StaleFor + MaxTTL of the first three
-	lookup(t, r, "127.0.0.3:1")
-	if got := slices.Sorted(maps.Keys(*r.entries.Load())); !slices.Equal(got, []string{"127.0.0.2:1", "127.0.0.3:1"}) {
-		t.Fatalf("entries = %v; want only the two recent ones", got)
-	}
-	// An evicted value still works.
-	wantSet(t, lookup(t, r, svc), wantWeb...)
 }

@@ -5,8 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
 	"strings"
+
+	"github.com/connectable/connectable/internal/port"
 )
 
 // valueKind says how a label value is resolved.
@@ -65,7 +66,12 @@ func parseValue(value string) (parsedValue, error) {
 		}
 		return bad("not host:port: %v", errors.Unwrap(err))
 	}
-	port, err := parsePort(portStr)
+	if portStr == "" {
+		return bad("missing port")
+	}
+	// One rule for ports everywhere: connect.080 is no label key, so
+	// web:080 is no value either.
+	pt, err := port.Parse(portStr)
 	if err != nil {
 		return bad("%v", err)
 	}
@@ -76,7 +82,7 @@ func parseValue(value string) (parsedValue, error) {
 		if ip.IsUnspecified() {
 			return bad("unspecified address %s", ip)
 		}
-		return parsedValue{kind: kindAddrPort, addr: netip.AddrPortFrom(ip, port)}, nil
+		return parsedValue{kind: kindAddrPort, addr: netip.AddrPortFrom(ip, pt)}, nil
 	}
 	if strings.HasPrefix(value, "[") {
 		return bad("%q in brackets is not an IPv6 address", host)
@@ -84,24 +90,7 @@ func parseValue(value string) (parsedValue, error) {
 	if err := checkName(host); err != nil {
 		return bad("host: %v", err)
 	}
-	return parsedValue{kind: kindHostPort, name: canonical(host), port: port}, nil
-}
-
-// parsePort parses a decimal port in 1-65535.
-func parsePort(s string) (uint16, error) {
-	if s == "" {
-		return 0, errors.New("missing port")
-	}
-	for _, c := range s {
-		if c < '0' || c > '9' {
-			return 0, fmt.Errorf("port %q is not a number", s)
-		}
-	}
-	n, err := strconv.ParseUint(s, 10, 16)
-	if err != nil || n == 0 {
-		return 0, fmt.Errorf("port %s out of range 1-65535", s)
-	}
-	return uint16(n), nil
+	return parsedValue{kind: kindHostPort, name: canonical(host), port: pt}, nil
 }
 
 // checkName checks a DNS name: labels of letters, digits, '-' and '_' (SRV
@@ -197,9 +186,12 @@ func parseServer(s string) (netip.AddrPort, error) {
 	if addr.Is6() && !strings.HasPrefix(s, "[") {
 		return netip.AddrPort{}, errors.New("an IPv6 address with a port is written [ip6]:port")
 	}
-	port, err := parsePort(portStr)
+	if portStr == "" {
+		return netip.AddrPort{}, errors.New("missing port")
+	}
+	pt, err := port.Parse(portStr)
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
-	return netip.AddrPortFrom(addr, port), nil
+	return netip.AddrPortFrom(addr, pt), nil
 }

@@ -65,9 +65,9 @@ func TestValidate(t *testing.T) {
 		{"redis.consul:", "missing port"},
 		{"redis.consul:0", "out of range"},
 		{"redis.consul:65536", "out of range"},
-		{"redis.consul:-1", "not a number"},
-		{"redis.consul:+80", "not a number"},
-		{"redis.consul:http", "not a number"},
+		{"redis.consul:-1", "not a decimal number"},
+		{"redis.consul:+80", "not a decimal number"},
+		{"redis.consul:http", "not a decimal number"},
 		{"redis.consul:80:90", "not host:port"},
 		{":80", "empty name"},
 		{"bad..host:80", "empty label"},
@@ -81,6 +81,12 @@ func TestValidate(t *testing.T) {
 		{"[::]:80", "unspecified"},
 		{"10.0.0.1:0", "out of range"},
 		{"10.0.0.1:99999", "out of range"},
+		// The rule of internal/port, the same as for connect.<port> keys.
+		{"10.0.0.1:080", `port "080": leading zero`},
+		{"[fd00::1]:0443", `port "0443": leading zero`},
+		{"redis.consul:00", "leading zero"},
+		{"redis.consul: 80", "not a decimal number"},
+		{"redis.consul:６３７９", "not a decimal number"},
 	} {
 		t.Run(tc.value, func(t *testing.T) {
 			err := Validate(tc.value)
@@ -136,13 +142,14 @@ func TestParseServers(t *testing.T) {
 		{"127.0.0.1:", "127.0.0.1:", "missing port"},
 		{"127.0.0.1:0", "127.0.0.1:0", "out of range"},
 		{"127.0.0.1:65536", "127.0.0.1:65536", "out of range"},
-		{"127.0.0.1:dns", "127.0.0.1:dns", "not a number"},
+		{"127.0.0.1:dns", "127.0.0.1:dns", "not a decimal number"},
 		{"127.0.0.1:53:53", "127.0.0.1:53:53", "not an IP address"},
 		{"[127.0.0.1]", "[127.0.0.1]", "brackets"},
 		{"[::1", "[::1", "not an IP address"},
 		{"::1]", "::1]", "not an IP address"},
 		{"fd00::1:53:x", "fd00::1:53:x", "not an IP address"},
-		{"[::1]:x", "[::1]:x", "not a number"},
+		{"[::1]:x", "[::1]:x", "not a decimal number"},
+		{"127.0.0.1:08600", "127.0.0.1:08600", `port "08600": leading zero`},
 		{"256.0.0.1", "256.0.0.1", "not an IP address"},
 	} {
 		t.Run(tc.in, func(t *testing.T) {
