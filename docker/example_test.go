@@ -51,6 +51,6 @@ func ExampleParseRoutes() {
 	}
 	// Output:
 	// map[6000:redis.service.consul]
-	// label connect.70000="too-big": port is not a decimal number from 1 to 65535
-	// label connect.abc="x": port is not a decimal number from 1 to 65535
+	// label connect.70000="too-big": port "70000": out of range 1-65535 (a port is a decimal number from 1 to 65535, no sign, no leading zero)
+	// label connect.abc="x": port "abc": not a decimal number (a port is a decimal number from 1 to 65535, no sign, no leading zero)
 }

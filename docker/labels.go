@@ -5,8 +5,9 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"strconv"
 	"strings"
+
+	"github.com/connectable/connectable/internal/port"
 )
 
 // LabelPrefix starts every label the watcher reads: connect.<port>=<service>.
@@ -25,16 +26,14 @@ func (e *LabelError) Error() string {
 
 func (e *LabelError) Unwrap() error { return e.Err }
 
-var (
-	errBadPort    = errors.New("port is not a decimal number from 1 to 65535")
-	errEmptyValue = errors.New("empty service name")
-)
+var errEmptyValue = errors.New("empty service name")
 
 // ParseRoutes reads the connect.<port>=<service> labels among labels and
 // returns the valid ones as port → service, nil when there are none. Labels
 // without the prefix are ignored. Each malformed label is left out and named,
 // with the reason, by one *LabelError in errs (in label order): a port that is
-// not a plain decimal number from 1 to 65535 (no sign, no leading zero), an
+// not a plain decimal number from 1 to 65535 (internal/port: no sign, no
+// leading zero, so connect.80 and connect.080 never both name one port), an
 // empty value, or a value validate rejects. A nil validate accepts any
 // value that is not blank.
 func ParseRoutes(labels map[string]string, validate func(value string) error) (routes map[uint16]string, errs []error) {
@@ -44,7 +43,7 @@ func ParseRoutes(labels map[string]string, validate func(value string) error) (r
 			continue
 		}
 		value := labels[key]
-		port, err := parsePort(rest)
+		p, err := port.Parse(rest)
 		if err == nil {
 			err = validateValue(value, validate)
 		}
@@ -55,22 +54,9 @@ func ParseRoutes(labels map[string]string, validate func(value string) error) (r
 		if routes == nil {
 			routes = make(map[uint16]string)
 		}
-		routes[port] = value
+		routes[p] = value
 	}
 	return routes, errs
-}
-
-// parsePort accepts only the canonical spelling, so two labels can never
-// name one port (connect.80 and connect.080).
-func parsePort(s string) (uint16, error) {
-	if s == "" || s[0] < '1' || s[0] > '9' {
-		return 0, errBadPort
-	}
-	n, err := strconv.ParseUint(s, 10, 16)
-	if err != nil || n == 0 {
-		return 0, errBadPort
-	}
-	return uint16(n), nil
 }
 
 func validateValue(value string, validate func(string) error) error {

@@ -5,6 +5,8 @@ import (
 	"maps"
 	"slices"
 	"testing"
+
+	"github.com/connectable/connectable/internal/port"
 )
 
 func TestParseRoutes(t *testing.T) {
@@ -68,11 +70,11 @@ func TestLabelErrorMessage(t *testing.T) {
 	if len(errs) != 1 {
 		t.Fatalf("got %d errors; want 1", len(errs))
 	}
-	want := `label connect.70000="redis": port is not a decimal number from 1 to 65535`
+	want := `label connect.70000="redis": port "70000": out of range 1-65535 (a port is a decimal number from 1 to 65535, no sign, no leading zero)`
 	if got := errs[0].Error(); got != want {
 		t.Errorf("Error() = %q; want %q", got, want)
 	}
-	if !errors.Is(errs[0], errBadPort) {
-		t.Errorf("errors.Is(%v, errBadPort) = false", errs[0])
+	if !errors.Is(errs[0], port.ErrInvalid) {
+		t.Errorf("errors.Is(%v, port.ErrInvalid) = false", errs[0])
 	}
 }
