@@ -3,6 +3,7 @@ package resolver
 import (
 	"context"
 	"fmt"
+	"github.com/connectable/connectable/internal/testenv"
 	"runtime"
 	"testing"
 	"time"
@@ -94,7 +95,7 @@ func BenchmarkLookupCached(b *testing.B) {
 func BenchmarkLookupCold(b *testing.B) {
 	const name = "redis.service.consul."
 	s := startServer(b, consulZone(b, name, 3).handle)
-	clock := newClock()
+	clock := testenv.NewClock()
 	r := newTestResolver(b, Config{}, clock, s)
 	ctx := context.Background()
 	b.ReportAllocs()

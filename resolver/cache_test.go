@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/connectable/connectable/internal/testenv"
 	"slices"
 	"sync"
 	"testing"
@@ -37,7 +38,7 @@ func cachedKeys(t testing.TB, r *Resolver) []string {
 
 func TestCacheEvictsSpentFirst(t *testing.T) {
 	s := startServer(t, (&zone{}).handle) // NXDOMAIN for everything
-	clock := newClock()
+	clock := testenv.NewClock()
 	r := newTestResolver(t, Config{CacheSize: 4, MaxTTL: time.Minute, StaleFor: time.Minute}, clock, s)
 
 	// A value looked up twice, a negative answer looked up twice, and two
@@ -88,7 +89,7 @@ func TestCacheBounded(t *testing.T) {
 	z := &zone{Records: append(srvRecords(t), addrRecords(t)...), Extra: map[string][]dns.RR{svc: addrRecords(t)}}
 	s := startServer(t, z.handle)
 	const size = 1000
-	r := newTestResolver(t, Config{CacheSize: size, MinTTL: time.Hour, MaxTTL: time.Hour}, newClock(), s)
+	r := newTestResolver(t, Config{CacheSize: size, MinTTL: time.Hour, MaxTTL: time.Hour}, testenv.NewClock(), s)
 	ctx := context.Background()
 	wantSet(t, lookup(t, r, svc), wantWeb...)
 	queries := s.queries.Load()
@@ -141,7 +142,7 @@ func TestFailureCached(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := startServer(t, tc.h)
-			clock := newClock()
+			clock := testenv.NewClock()
 			r := newTestResolver(t, Config{Timeout: 200 * time.Millisecond}, clock, s)
 			const clients = 1000
 			for wave := range 2 {
@@ -193,7 +194,7 @@ func TestFailureCached(t *testing.T) {
 func TestStaleUnderLoad(t *testing.T) {
 	z := &zone{Records: append(srvRecords(t), addrRecords(t)...), Extra: map[string][]dns.RR{svc: addrRecords(t)}}
 	s := startServer(t, z.handle)
-	clock := newClock()
+	clock := testenv.NewClock()
 	r := newTestResolver(t, Config{StaleFor: time.Minute}, clock, s)
 	wantSet(t, lookup(t, r, svc), wantWeb...)
 	s.setHandler(rcodeHandler(dns.RcodeServerFailure))

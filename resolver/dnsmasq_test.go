@@ -38,7 +38,7 @@ var wantDnsmasqWeb = []string{"127.0.0.1:8001", "127.0.0.2:8002", "[::2]:8002", 
 
 func TestDnsmasqSRV(t *testing.T) {
 	d := startDnsmasq(t, webArgs...)
-	r := newTestResolver(t, Config{Servers: []string{d.Addr}}, newClock())
+	r := newTestResolver(t, Config{Servers: []string{d.Addr}}, testenv.NewClock())
 
 	wantSet(t, lookup(t, r, "_web._tcp.svc.test"), wantDnsmasqWeb...)
 	// dnsmasq sends the targets' A and AAAA records as additional records,
@@ -69,7 +69,7 @@ func TestDnsmasqSRV(t *testing.T) {
 
 func TestDnsmasqErrorsAndHostPort(t *testing.T) {
 	d := startDnsmasq(t, webArgs...)
-	r := newTestResolver(t, Config{Servers: []string{d.Addr}}, newClock())
+	r := newTestResolver(t, Config{Servers: []string{d.Addr}}, testenv.NewClock())
 
 	if err := lookupErr(t, r, "nope.svc.test"); !errors.Is(err, ErrNoSuchName) || !strings.Contains(err.Error(), "nope.svc.test.") {
 		t.Errorf("unknown name: err = %v (%s); want no such name naming it", err, kindOf(err))
@@ -89,14 +89,14 @@ func TestDnsmasqFailover(t *testing.T) {
 	// upstream: it refuses the query, and the second one answers.
 	bad := startDnsmasq(t, "--srv-host=_x._tcp.other.example,one.example,1")
 	good := startDnsmasq(t, webArgs...)
-	r := newTestResolver(t, Config{Servers: []string{bad.Addr, good.Addr}}, newClock())
+	r := newTestResolver(t, Config{Servers: []string{bad.Addr, good.Addr}}, testenv.NewClock())
 	wantSet(t, lookup(t, r, "_web._tcp.svc.test"), wantDnsmasqWeb...)
 	if st := r.Stats(); st.Queries != 2 || st.QueryErrors != 1 {
 		t.Errorf("stats = %+v; want 2 queries, the first failed", st)
 	}
 
 	// With only the refusing server: an error naming it.
-	r = newTestResolver(t, Config{Servers: []string{bad.Addr}}, newClock())
+	r = newTestResolver(t, Config{Servers: []string{bad.Addr}}, testenv.NewClock())
 	err := lookupErr(t, r, "_web._tcp.svc.test")
 	if !errors.Is(err, ErrServerFailure) || !strings.Contains(err.Error(), bad.Addr) {
 		t.Errorf("err = %v (%s); want a server failure naming %s", err, kindOf(err), bad.Addr)
@@ -117,7 +117,7 @@ func TestDnsmasqTruncationAndTTL(t *testing.T) {
 		want = append(want, fmt.Sprintf("127.0.2.%d:%d", i, 9000+i))
 	}
 	d := startDnsmasq(t, args...)
-	clock := newClock()
+	clock := testenv.NewClock()
 	r := newTestResolver(t, Config{Servers: []string{d.Addr}}, clock)
 	wantSet(t, lookup(t, r, "big.svc.test"), want...)
 	st := r.Stats()
@@ -141,7 +141,7 @@ func TestDnsmasqTruncationAndTTL(t *testing.T) {
 
 func TestDnsmasqStaleAndConcurrent(t *testing.T) {
 	d := startDnsmasq(t, webArgs...)
-	clock := newClock()
+	clock := testenv.NewClock()
 	r := newTestResolver(t, Config{Servers: []string{d.Addr}, StaleFor: time.Minute}, clock)
 
 	const callers = 50

@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -89,42 +88,9 @@ func startRawServer(tb testing.TB) *rawServer {
 	s := &rawServer{}
 	empty := []byte{}
 	s.reply.Store(&empty)
-	var pc net.PacketConn
-	var ln net.Listener
-	for attempt := 0; ; attempt++ {
-		var err error
-		if pc, err = net.ListenPacket("udp", "127.0.0.1:0"); err != nil {
-			tb.Fatal(err)
-		}
-		if ln, err = net.Listen("tcp", pc.LocalAddr().String()); err == nil {
-			break
-		}
-		pc.Close()
-		if attempt == 20 {
-			tb.Fatalf("no port free for both udp and tcp: %v", err)
-		}
-	}
-	s.addr = pc.LocalAddr().String()
-	h := dns.HandlerFunc(s.serve)
-	var wg sync.WaitGroup
-	var servers []*dns.Server
-	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: h}, {Listener: ln, Handler: h}} {
-		started := make(chan struct{})
-		srv.NotifyStartedFunc = func() { close(started) }
-		wg.Go(func() { _ = srv.ActivateAndServe() })
-		select {
-		case <-started:
-		case <-time.After(10 * time.Second):
-			tb.Fatal("raw dns server did not start")
-		}
-		servers = append(servers, srv)
-	}
-	tb.Cleanup(func() {
-		for _, srv := range servers {
-			_ = srv.Shutdown()
-		}
-		wg.Wait()
-	})
+	var stop func()
+	s.addr, stop = serveLoopback(tb, dns.HandlerFunc(s.serve))
+	tb.Cleanup(stop)
 	return s
 }
 

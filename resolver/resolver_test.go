@@ -83,7 +83,7 @@ var wantWeb = []string{"127.0.0.1:8001", "127.0.0.2:8002", "[::2]:8002", "[fd00:
 func TestAdditionalPresent(t *testing.T) {
 	z := &zone{Records: append(srvRecords(t), addrRecords(t)...), Extra: map[string][]dns.RR{svc: addrRecords(t)}}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 
 	wantSet(t, lookup(t, r, "_web._tcp.service.test"), wantWeb...)
 	q := s.Queries()
@@ -98,7 +98,7 @@ func TestAdditionalPresent(t *testing.T) {
 func TestAdditionalMissing(t *testing.T) {
 	z := &zone{Records: append(srvRecords(t), addrRecords(t)...)}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 
 	wantSet(t, lookup(t, r, svc), wantWeb...)
 	var got []string
@@ -133,7 +133,7 @@ func TestAdditionalOutOfOrderMixed(t *testing.T) {
 		Extra:   map[string][]dns.RR{svc: extra},
 	}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 
 	wantSet(t, lookup(t, r, svc), wantWeb...)
 	var got []string
@@ -159,7 +159,7 @@ func TestSkipsPortZeroAndRootTarget(t *testing.T) {
 		"none.service.test.": addrRecords(t),
 	}}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 
 	wantSet(t, lookup(t, r, "skip.service.test"), "127.0.0.2:9001", "[::2]:9001")
 	err := lookupErr(t, r, "none.service.test")
@@ -176,7 +176,7 @@ func TestTargetWithoutAddress(t *testing.T) {
 	)
 	z := &zone{Records: append(recs, addrRecords(t)...)}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 
 	wantSet(t, lookup(t, r, "part.service.test"), "127.0.0.1:9001")
 	err := lookupErr(t, r, "empty.service.test")
@@ -189,7 +189,7 @@ func TestNXDOMAIN(t *testing.T) {
 	z := &zone{Records: srvRecords(t)}
 	s1 := startServer(t, z.handle)
 	s2 := startServer(t, z.handle)
-	clock := newClock()
+	clock := testenv.NewClock()
 	r := newTestResolver(t, Config{NegativeTTL: 5 * time.Second}, clock, s1, s2)
 
 	err := lookupErr(t, r, "nope.service.test")
@@ -222,7 +222,7 @@ func TestNXDOMAIN(t *testing.T) {
 func TestEmptyAnswer(t *testing.T) {
 	z := &zone{Records: rrs(t, `empty.service.test. 30 IN TXT "no srv here"`)}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 	err := lookupErr(t, r, "empty.service.test")
 	if !errors.Is(err, ErrNoEndpoints) || !strings.Contains(err.Error(), "empty.service.test.") {
 		t.Fatalf("err = %v (%s); want no endpoints naming the name", err, kindOf(err))
@@ -249,7 +249,7 @@ func TestFailoverToSecondServer(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			bad := startServer(t, tc.first)
 			good := startServer(t, z.handle)
-			r := newTestResolver(t, Config{Timeout: 200 * time.Millisecond}, newClock(), bad, good)
+			r := newTestResolver(t, Config{Timeout: 200 * time.Millisecond}, testenv.NewClock(), bad, good)
 			wantSet(t, lookup(t, r, svc), wantWeb...)
 			if bad.queries.Load() != 1 || good.queries.Load() != 1 {
 				t.Fatalf("queries: first server %d, second %d; want 1 and 1", bad.queries.Load(), good.queries.Load())
@@ -280,7 +280,7 @@ func TestAllServersFail(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s1 := startServer(t, tc.h)
 			s2 := startServer(t, tc.h)
-			r := newTestResolver(t, Config{Timeout: 200 * time.Millisecond}, newClock(), s1, s2)
+			r := newTestResolver(t, Config{Timeout: 200 * time.Millisecond}, testenv.NewClock(), s1, s2)
 			err := lookupErr(t, r, "web.service.test")
 			t.Logf("error: %v", err)
 			if !errors.Is(err, tc.kind) {
@@ -298,7 +298,7 @@ func TestAllServersFail(t *testing.T) {
 func TestServerDown(t *testing.T) {
 	s := startServer(t, rcodeHandler(dns.RcodeSuccess))
 	s.Stop()
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 	err := lookupErr(t, r, "web.service.test")
 	// A closed UDP port answers with ICMP port unreachable: refused.
 	if !errors.Is(err, ErrServerFailure) {
@@ -331,7 +331,7 @@ func TestTruncatedRetriesOverTCP(t *testing.T) {
 		}
 		return m
 	})
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 	wantSet(t, lookup(t, r, "big.service.test"), want...)
 	q := s.Queries()
 	if len(q) != 2 || q[0].Network != "udp" || q[1].Network != "tcp" {
@@ -357,7 +357,7 @@ func TestEDNSLargeAnswerOverUDP(t *testing.T) {
 		}
 		return m
 	})
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 	if eps := lookup(t, r, "redis.service.consul"); len(eps) != 12 {
 		t.Fatalf("got %d endpoints; want 12: %v", len(eps), eps)
 	}
@@ -393,7 +393,7 @@ func TestTTL(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := startServer(t, z.handle)
-			clock := newClock()
+			clock := testenv.NewClock()
 			r := newTestResolver(t, Config{}, clock, s)
 			lookup(t, r, tc.name)
 			clock.Advance(tc.fresh)
@@ -416,9 +416,9 @@ func TestTTL(t *testing.T) {
 func TestStale(t *testing.T) {
 	z := &zone{Records: append(srvRecords(t), addrRecords(t)...), Extra: map[string][]dns.RR{svc: addrRecords(t)}}
 	s := startServer(t, z.handle)
-	clock := newClock()
-	var logs logBuffer
-	r := newTestResolver(t, Config{StaleFor: time.Minute, Logger: testLogger(t, &logs)}, clock, s)
+	clock := testenv.NewClock()
+	var logs testenv.SyncBuffer
+	r := newTestResolver(t, Config{StaleFor: time.Minute, Logger: testenv.Logger(t, &logs)}, clock, s)
 	lookup(t, r, svc)
 	s.Stop()
 
@@ -452,7 +452,7 @@ func TestStale(t *testing.T) {
 func TestStaleDisabled(t *testing.T) {
 	z := &zone{Records: append(srvRecords(t), addrRecords(t)...), Extra: map[string][]dns.RR{svc: addrRecords(t)}}
 	s := startServer(t, z.handle)
-	clock := newClock()
+	clock := testenv.NewClock()
 	r := newTestResolver(t, Config{StaleFor: -1}, clock, s)
 	lookup(t, r, svc)
 	s.Stop()
@@ -465,9 +465,9 @@ func TestStaleDisabled(t *testing.T) {
 func TestStaleRecovers(t *testing.T) {
 	z := &zone{Records: append(srvRecords(t), addrRecords(t)...), Extra: map[string][]dns.RR{svc: addrRecords(t)}}
 	s := startServer(t, z.handle)
-	clock := newClock()
-	var logs logBuffer
-	r := newTestResolver(t, Config{Logger: testLogger(t, &logs)}, clock, s)
+	clock := testenv.NewClock()
+	var logs testenv.SyncBuffer
+	r := newTestResolver(t, Config{Logger: testenv.Logger(t, &logs)}, clock, s)
 	lookup(t, r, svc)
 	s.setHandler(rcodeHandler(dns.RcodeServerFailure))
 	clock.Advance(31 * time.Second)
@@ -494,7 +494,7 @@ func TestConcurrentCallersShareOneQuery(t *testing.T) {
 		<-release
 		return z.handle(req, network)
 	})
-	r := newTestResolver(t, Config{Timeout: 30 * time.Second}, newClock(), s)
+	r := newTestResolver(t, Config{Timeout: 30 * time.Second}, testenv.NewClock(), s)
 
 	const callers = 50
 	var wg sync.WaitGroup
@@ -550,7 +550,7 @@ func TestCanceledCallerDoesNotFailOthers(t *testing.T) {
 		return z.handle(req, network)
 	})
 	t.Cleanup(func() { close(release) })
-	r := newTestResolver(t, Config{Timeout: 30 * time.Second}, newClock(), s)
+	r := newTestResolver(t, Config{Timeout: 30 * time.Second}, testenv.NewClock(), s)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	leaderDone := make(chan error, 1)
@@ -599,7 +599,7 @@ func TestHostPort(t *testing.T) {
 		}
 		return m
 	})
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 
 	wantSet(t, lookup(t, r, "db.node.test:5432"), "127.0.0.5:5432", "127.0.0.6:5432", "[::5]:5432")
 	wantSet(t, lookup(t, r, "alias.node.test:5432"), "127.0.0.5:5432", "127.0.0.6:5432", "[::5]:5432")
@@ -614,7 +614,7 @@ func TestHostPort(t *testing.T) {
 
 func TestAddrPort(t *testing.T) {
 	s := startServer(t, rcodeHandler(dns.RcodeServerFailure))
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 	wantSet(t, lookup(t, r, "10.1.2.3:6379"), "10.1.2.3:6379")
 	wantSet(t, lookup(t, r, "[fd00::1]:6379"), "[fd00::1]:6379")
 	if n := s.queries.Load(); n != 0 {
@@ -624,7 +624,7 @@ func TestAddrPort(t *testing.T) {
 
 func TestLookupInvalidValue(t *testing.T) {
 	s := startServer(t, rcodeHandler(dns.RcodeServerFailure))
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 	err := lookupErr(t, r, "bad..name")
 	if !errors.Is(err, ErrInvalidValue) || !strings.Contains(err.Error(), `"bad..name"`) {
 		t.Fatalf("err = %v; want invalid value naming it", err)
@@ -651,7 +651,7 @@ func TestPriorityWeightDistribution(t *testing.T) {
 		"n.node.test. 30 IN A 127.0.0.1",
 	), Extra: map[string][]dns.RR{"w.service.test.": rrs(t, "n.node.test. 30 IN A 127.0.0.1")}}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 
 	const calls = 20000
 	var pos [4][11]int // pos[i][port]: how often port came at index i of its group
@@ -721,7 +721,7 @@ func TestCachedAnswerNeverReordered(t *testing.T) {
 		"c.node.test. 30 IN A 127.0.0.4",
 	)}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 	first := lookup(t, r, "w.service.test")
 	want := sorted(first)
 
@@ -798,7 +798,7 @@ func TestNoGoroutinesLeft(t *testing.T) {
 	testenv.CheckGoroutines(t) // registered first, so it checks after the server stopped
 	z := &zone{Records: append(srvRecords(t), addrRecords(t)...)}
 	s := startServer(t, z.handle)
-	r := newTestResolver(t, Config{}, newClock(), s)
+	r := newTestResolver(t, Config{}, testenv.NewClock(), s)
 	wantSet(t, lookup(t, r, svc), wantWeb...)
 	wantSet(t, lookup(t, r, "one.node.test:1"), "127.0.0.1:1")
 }

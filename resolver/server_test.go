@@ -1,10 +1,9 @@
 package resolver
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"log/slog"
+	"github.com/connectable/connectable/internal/testenv"
 	"net"
 	"strings"
 	"sync"
@@ -50,6 +49,15 @@ func startServer(t testing.TB, h handleFunc) *testServer {
 	t.Helper()
 	s := &testServer{}
 	s.setHandler(h)
+	s.Addr, s.stop = serveLoopback(t, dns.HandlerFunc(s.serveDNS))
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// serveLoopback serves h over UDP and TCP on one loopback port and returns
+// the address and a function that stops both servers and waits for them.
+func serveLoopback(t testing.TB, h dns.Handler) (addr string, stop func()) {
+	t.Helper()
 	var pc net.PacketConn
 	var ln net.Listener
 	for attempt := 0; ; attempt++ {
@@ -67,11 +75,9 @@ func startServer(t testing.TB, h handleFunc) *testServer {
 			t.Fatalf("no port free for both udp and tcp: %v", err)
 		}
 	}
-	s.Addr = pc.LocalAddr().String()
-	handler := dns.HandlerFunc(s.serveDNS)
 	var wg sync.WaitGroup
 	var servers []*dns.Server
-	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: handler}, {Listener: ln, Handler: handler}} {
+	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: h}, {Listener: ln, Handler: h}} {
 		started := make(chan struct{})
 		srv.NotifyStartedFunc = func() { close(started) }
 		wg.Go(func() {
@@ -86,7 +92,7 @@ func startServer(t testing.TB, h handleFunc) *testServer {
 		}
 		servers = append(servers, srv)
 	}
-	s.stop = func() {
+	return pc.LocalAddr().String(), func() {
 		for _, srv := range servers {
 			if err := srv.Shutdown(); err != nil {
 				t.Errorf("stopping dns test server: %v", err)
@@ -94,8 +100,6 @@ func startServer(t testing.TB, h handleFunc) *testServer {
 		}
 		wg.Wait()
 	}
-	t.Cleanup(s.Stop)
-	return s
 }
 
 // Stop shuts the server down; queries to its port are then refused.
@@ -188,79 +192,8 @@ func rrs(t testing.TB, ss ...string) []dns.RR {
 	return out
 }
 
-// fakeClock is a controllable Config.now.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *fakeClock { return &fakeClock{t: time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
-// logBuffer collects log output safely from many goroutines.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) Count(substr string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.b.String(), substr)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// testLogger writes to the test log and to buf (if not nil).
-func testLogger(t testing.TB, buf *logBuffer) *slog.Logger {
-	var w interface{ Write([]byte) (int, error) } = tWriter{t}
-	if buf != nil {
-		w = multiWriter{tWriter{t}, buf}
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type tWriter struct{ t testing.TB }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
-
-type multiWriter []interface{ Write([]byte) (int, error) }
-
-func (m multiWriter) Write(p []byte) (int, error) {
-	for _, w := range m {
-		if _, err := w.Write(p); err != nil {
-			return 0, err
-		}
-	}
-	return len(p), nil
-}
-
 // newTestResolver returns a resolver for servers with a fake clock.
-func newTestResolver(t testing.TB, cfg Config, clock *fakeClock, servers ...*testServer) *Resolver {
+func newTestResolver(t testing.TB, cfg Config, clock *testenv.Clock, servers ...*testServer) *Resolver {
 	t.Helper()
 	for _, s := range servers {
 		cfg.Servers = append(cfg.Servers, s.Addr)
@@ -269,7 +202,7 @@ func newTestResolver(t testing.TB, cfg Config, clock *fakeClock, servers ...*tes
 		cfg.now = clock.Now
 	}
 	if cfg.Logger == nil {
-		cfg.Logger = testLogger(t, nil)
+		cfg.Logger = testenv.Logger(t, nil)
 	}
 	if cfg.Timeout == 0 {
 		// Generous for a loaded machine, short enough for tests of timeouts.
