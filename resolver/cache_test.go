@@ -201,23 +201,8 @@ func TestStaleUnderLoad(t *testing.T) {
 	clock.Advance(31 * time.Second) // past the TTL of 30s
 
 	const clients = 1000
-	var wg sync.WaitGroup
-	errs := make(chan error, clients)
-	for range clients {
-		wg.Go(func() {
-			eps, err := r.Lookup(context.Background(), svc)
-			if err == nil && len(eps) != len(wantWeb) {
-				err = fmt.Errorf("got %v", eps)
-			}
-			errs <- err
-		})
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
+	if err := lookupsAtOnce(r, svc, clients, len(wantWeb))(); err != nil {
+		t.Fatal(err)
 	}
 	if n := s.queries.Load(); n != 2 {
 		t.Errorf("%d queries at the server; want 2 (the answer, then one failed refresh)", n)

@@ -497,17 +497,7 @@ func TestConcurrentCallersShareOneQuery(t *testing.T) {
 	r := newTestResolver(t, Config{Timeout: 30 * time.Second}, testenv.NewClock(), s)
 
 	const callers = 50
-	var wg sync.WaitGroup
-	errs := make(chan error, callers)
-	for range callers {
-		wg.Go(func() {
-			eps, err := r.Lookup(context.Background(), svc)
-			if err == nil && len(eps) != len(wantWeb) {
-				err = fmt.Errorf("got %v", eps)
-			}
-			errs <- err
-		})
-	}
+	wait := lookupsAtOnce(r, svc, callers, len(wantWeb))
 	// Release the reply once every caller is either querying or waiting.
 	deadline := time.Now().Add(30 * time.Second)
 	for st := r.Stats(); st.CacheMisses+st.Shared < callers; st = r.Stats() {
@@ -518,12 +508,8 @@ func TestConcurrentCallersShareOneQuery(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	close(release)
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
+	if err := wait(); err != nil {
+		t.Error(err)
 	}
 	if n := s.queries.Load(); n != 1 {
 		t.Fatalf("%d upstream queries for %d concurrent callers; want 1", n, callers)

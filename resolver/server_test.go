@@ -1,6 +1,7 @@
 package resolver
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"github.com/connectable/connectable/internal/testenv"
@@ -190,6 +191,33 @@ func rrs(t testing.TB, ss ...string) []dns.RR {
 		out[i] = rr(t, s)
 	}
 	return out
+}
+
+// lookupsAtOnce starts n concurrent lookups of svc. wait waits for them all
+// and returns the first error, or one for an answer without wantLen
+// endpoints.
+func lookupsAtOnce(r *Resolver, svc string, n, wantLen int) (wait func() error) {
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for range n {
+		wg.Go(func() {
+			eps, err := r.Lookup(context.Background(), svc)
+			if err == nil && len(eps) != wantLen {
+				err = fmt.Errorf("got %v", eps)
+			}
+			errs <- err
+		})
+	}
+	return func() error {
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 }
 
 // newTestResolver returns a resolver for servers with a fake clock.
