@@ -97,9 +97,7 @@ func TestChaosAdminReadOnly(t *testing.T) {
 	if i < 0 || !strings.Contains(string(help[i:]), `(default "127.0.0.1:9876")`) {
 		t.Errorf("--help does not give 127.0.0.1:9876 as the admin default:\n%s", help)
 	}
-	be := startBackend(t, "be")
-	srvs, hosts := service("web.service.test", be)
-	dns := testenv.Dnsmasq(t, srvs, hosts)
+	_, dns := webService(t)
 	plain := exec.Command(binary, "--dns", dns)
 	logs := &testenv.SyncBuffer{}
 	plain.Stdout, plain.Stderr = logs, logs
@@ -171,9 +169,7 @@ func TestChaosAdminReadOnly(t *testing.T) {
 func TestChaosCapabilities(t *testing.T) {
 	prerequisites(t)
 	tag := daemonImage(t)
-	be := startBackend(t, "be")
-	srvs, hosts := service("web.service.test", be)
-	dns := testenv.Dnsmasq(t, srvs, hosts)
+	_, dns := webService(t)
 	common := []string{"--network=host", "-v", "/var/run/docker.sock:/var/run/docker.sock"}
 	daemonArgs := []string{tag, "--dns", dns, "--admin", fmt.Sprintf("127.0.0.1:%d", freePort(t))}
 

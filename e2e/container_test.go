@@ -22,9 +22,7 @@ func TestDaemonAsContainer(t *testing.T) {
 	prerequisites(t)
 	tag := daemonImage(t)
 
-	be := startBackend(t, "be")
-	srvs, hosts := service("web.service.test", be)
-	dns := testenv.Dnsmasq(t, srvs, hosts)
+	_, dns := webService(t)
 
 	daemon := testenv.RunContainer(t, "--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--pid=host", "--network=host",
 		"-v", "/var/run/docker.sock:/var/run/docker.sock",

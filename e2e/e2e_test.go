@@ -151,9 +151,7 @@ func TestHostModeSkipped(t *testing.T) {
 // the time to first connection is logged for the note.
 func TestContainerStartedBeforeDaemon(t *testing.T) {
 	prerequisites(t)
-	be := startBackend(t, "be")
-	srvs, hosts := service("web.service.test", be)
-	dns := testenv.Dnsmasq(t, srvs, hosts)
+	_, dns := webService(t)
 	id := container(t, "-l", "connect.6000=web.service.test")
 	start := time.Now()
 	startDaemon(t, dns)
@@ -168,9 +166,7 @@ func TestContainerStartedBeforeDaemon(t *testing.T) {
 // SIGKILL: connections work again promptly, each rule exists once.
 func TestDaemonRestart(t *testing.T) {
 	prerequisites(t)
-	be := startBackend(t, "be")
-	srvs, hosts := service("web.service.test", be)
-	dns := testenv.Dnsmasq(t, srvs, hosts)
+	_, dns := webService(t)
 	id := container(t, "-l", "connect.6000=web.service.test", "-l", "connect.6001=web.service.test")
 	d := startDaemon(t, dns)
 	eventually(t, 20*time.Second, "first request", func() error {
@@ -197,17 +193,7 @@ func TestDaemonRestart(t *testing.T) {
 				return err
 			})
 			t.Logf("after %v: connections work again %v after the new start", sig, time.Since(start).Round(time.Millisecond))
-			for _, family := range []string{"iptables", "ip6tables"} {
-				rules := rulesIn(t, id, family, "nft")
-				for _, port := range []string{"6000", "6001"} {
-					if n := strings.Count(rules, "--dport "+port+" "); n != 1 {
-						t.Errorf("%s rule for port %s appears %d times, want 1:\n%s", family, port, n, rules)
-					}
-				}
-				if n := strings.Count(rules, "-A OUTPUT"); n != 1 {
-					t.Errorf("%s: %d jumps from OUTPUT, want 1:\n%s", family, n, rules)
-				}
-			}
+			rulesOnce(t, id, "6000", "6001")
 		})
 	}
 }
@@ -316,4 +302,22 @@ func socketInodes(t *testing.T, pid int) map[string]bool {
 		}
 	}
 	return held
+}
+
+// rulesOnce checks, for IPv4 and IPv6, that the container's namespace
+// holds exactly one REDIRECT rule per port and one jump from OUTPUT: a
+// restarted daemon rebuilds its chain instead of adding to it.
+func rulesOnce(t *testing.T, id string, ports ...string) {
+	t.Helper()
+	for _, family := range []string{"iptables", "ip6tables"} {
+		rules := rulesIn(t, id, family, "nft")
+		for _, port := range ports {
+			if n := strings.Count(rules, "--dport "+port+" "); n != 1 {
+				t.Errorf("%s rule for port %s appears %d times, want 1:\n%s", family, port, n, rules)
+			}
+		}
+		if n := strings.Count(rules, "-A OUTPUT"); n != 1 {
+			t.Errorf("%s: %d jumps from OUTPUT, want 1:\n%s", family, n, rules)
+		}
+	}
 }

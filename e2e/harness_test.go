@@ -121,6 +121,16 @@ func service(name string, bs ...*backend) ([]testenv.SRV, map[string][]string) {
 	return srvs, hosts
 }
 
+// webService starts the backend most tests need, named by
+// web.service.test in a dnsmasq of its own, and returns the backend and
+// dnsmasq's address.
+func webService(t *testing.T) (*backend, string) {
+	t.Helper()
+	be := startBackend(t, "be")
+	srvs, hosts := service("web.service.test", be)
+	return be, testenv.Dnsmasq(t, srvs, hosts)
+}
+
 // daemon is one connectable process under test.
 type daemon struct {
 	t     *testing.T
