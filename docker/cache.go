@@ -24,6 +24,7 @@ type container struct {
 	mode    string // HostConfig.NetworkMode: "bridge", "host", "none", "container:<ref>", ...
 	owner   string // for container:<ref>, the full ID of that container (the ref if it could not be inspected)
 	netIno  uint64 // inode of its network namespace, 0 if unknown
+	netns   string // where to enter its network namespace
 	routes  map[uint16]string
 	labeled bool // has connect.* labels, valid or not
 }
@@ -130,6 +131,14 @@ func (w *Watcher) observe(dc *dockerapi.Container, owner string) {
 	}
 	if dc.HostConfig != nil {
 		ct.mode = dc.HostConfig.NetworkMode
+	}
+	ct.netns = netnsPath(ct.pid)
+	// Podman's --network ns:<path> joins a namespace that outlives the
+	// container: reached by the container's PID, its rules could not be
+	// cleared once the container is gone. The path is used only while it
+	// holds the very namespace the container's process is in.
+	if p, ok := strings.CutPrefix(ct.mode, "ns:"); ok && ct.netIno != 0 && pathInode(p) == ct.netIno {
+		ct.netns = p
 	}
 	if _, shared := ownerRef(dc); shared {
 		ct.owner = owner

@@ -83,7 +83,7 @@ func desired(cs []*container, self string, forbidden map[uint64]bool) ([]Namespa
 			}
 			return cmp.Or(a.created.Compare(b.created), strings.Compare(a.id, b.id))
 		})
-		ns := Namespace{Key: key, Path: netnsPath(owner.pid), Routes: make(map[uint16]string)}
+		ns := Namespace{Key: key, Path: owner.netns, Routes: make(map[uint16]string)}
 		claimedBy := make(map[uint16]*container)
 		for _, c := range members {
 			ns.Containers = append(ns.Containers, Container{ID: short(c.id), Name: c.name})

@@ -13,7 +13,7 @@ func TestDesired(t *testing.T) {
 	ct := func(n int, mode, owner string, netIno uint64, routes map[uint16]string) *container {
 		id := fmt.Sprintf("%012d%052d", n, 0)
 		return &container{id: id, name: fmt.Sprintf("c%d", n), created: t0.Add(time.Duration(n) * time.Second),
-			pid: 1000 + n, mode: mode, owner: owner, netIno: netIno, routes: routes, labeled: routes != nil}
+			pid: 1000 + n, netns: netnsPath(1000 + n), mode: mode, owner: owner, netIno: netIno, routes: routes, labeled: routes != nil}
 	}
 	id := func(n int) string { return fmt.Sprintf("%012d%052d", n, 0) }
 	join := func(n int) string { return "container:" + id(n) }

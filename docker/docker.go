@@ -298,7 +298,7 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 		Since: strconv.FormatInt(time.Now().Add(-sinceSlack).Unix(), 10),
 		Filters: map[string][]string{
 			"type":  {"container"},
-			"event": {"start", "die", "destroy"},
+			"event": lifecycleEvents,
 		},
 	}
 	if err := w.eng.AddEventListenerWithOptions(opts, ch); err != nil {
@@ -413,23 +413,10 @@ func (w *Watcher) eventID(ev *dockerapi.APIEvents) string {
 	if ev == nil || (ev.Type != "" && ev.Type != "container") {
 		return ""
 	}
-	switch ev.Action {
-	case "":
-		if ev.Status == "" {
-			return ""
-		}
-		if !lifecycle[ev.Status] {
-			return ""
-		}
-	default:
-		if !lifecycle[ev.Action] {
-			return ""
-		}
+	if !slices.Contains(lifecycleEvents, cmp.Or(ev.Action, ev.Status)) {
+		return ""
 	}
-	id := ev.Actor.ID
-	if id == "" {
-		id = ev.ID
-	}
+	id := cmp.Or(ev.Actor.ID, ev.ID)
 	if id == "" {
 		return ""
 	}
@@ -442,8 +429,18 @@ func (w *Watcher) eventID(ev *dockerapi.APIEvents) string {
 	return id
 }
 
-// lifecycle holds the events that may start or end a container.
-var lifecycle = map[string]bool{"start": true, "die": true, "destroy": true}
+// lifecycleEvents are the container events, of Docker and of Podman's
+// Docker-compatible API, after which a container may have started or ended:
+// each is only a hint to inspect it again. Podman matches the event filter
+// against its own names but sends Docker's in the event, so both spellings
+// are here: it filters on "died" and then sends "die", and it sends
+// "remove" where Docker sends "destroy". An engine ignores names it does
+// not know.
+var lifecycleEvents = []string{
+	"start", "restart", "restore", // running now
+	"stop", "kill", "oom", "die", "died", "exited", "cleanup", "checkpoint", // may have ended
+	"destroy", "remove", // gone
+}
 
 // applyList records what a full listing says: a container it does not show,
 // and that no inspection since the listing began has seen, is gone; every
