@@ -311,6 +311,19 @@ func sleep(ctx context.Context, d time.Duration) bool {
 
 var errStreamEnded = errors.New("docker event stream ended")
 
+// lifecycleEvents are the container events, of Docker and of Podman's
+// Docker-compatible API, after which a container may have started or ended:
+// each is only a hint to inspect it again. Podman matches the event filter
+// against its own names but sends Docker's in the event, so both spellings
+// are here: it filters on "died" and then sends "die", and it sends
+// "remove" where Docker sends "destroy". An engine ignores names it does
+// not know.
+var lifecycleEvents = []string{
+	"start", "restart", "restore", // running now
+	"stop", "kill", "oom", "die", "died", "exited", "cleanup", "checkpoint", // may have ended
+	"destroy", "remove", // gone
+}
+
 // session subscribes, resyncs and follows events until the stream ends or ctx
 // does, and says how long the stream was up.
 func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
@@ -323,7 +336,7 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 		Since: strconv.FormatInt(time.Now().Add(-sinceSlack).Unix(), 10),
 		Filters: map[string][]string{
 			"type":  {"container"},
-			"event": {"start", "die", "destroy"},
+			"event": lifecycleEvents,
 		},
 	}
 	if err := w.eng.AddEventListenerWithOptions(opts, ch); err != nil {
@@ -409,9 +422,7 @@ func (w *Watcher) eventIDs(ids []string, ev *dockerapi.APIEvents) []string {
 	if ev == nil || (ev.Type != "" && ev.Type != "container") {
 		return ids
 	}
-	switch cmp.Or(ev.Action, ev.Status) {
-	case "start", "die", "destroy":
-	default:
+	if !slices.Contains(lifecycleEvents, cmp.Or(ev.Action, ev.Status)) {
 		return ids
 	}
 	id := cmp.Or(ev.Actor.ID, ev.ID)
