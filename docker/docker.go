@@ -6,7 +6,8 @@
 //
 // A namespace is named by a key, the ID of the container that owns it (for
 // --network container:<id>, the container named there), and found at
-// /proc/<pid>/ns/net of that owner's main process. Containers in host network
+// /proc/<pid>/ns/net of that owner's main process (at the path itself for
+// Podman's --network ns:<path>, which outlives the container). Containers in host network
 // mode are never set up: rules there would capture the host's own traffic.
 //
 // Typical usage:
@@ -80,7 +81,7 @@ type Config struct {
 // status page.
 type Namespace struct {
 	Key        string            // ID of the container owning the namespace
-	Path       string            // /proc/<pid>/ns/net
+	Path       string            // /proc/<pid>/ns/net, or the path of Podman's --network ns:<path>
 	Containers []Container       // running containers in it, owner first
 	Routes     map[uint16]string // port → service
 	Err        string            // the last Sink error for this key, "" after a success
@@ -155,6 +156,7 @@ type container struct {
 	pid     int
 	key     string // ID of the container whose namespace it uses (its own or container:<id>)
 	netIno  uint64 // inode of its network namespace, 0 if unknown
+	netns   string // path of its network namespace
 	routes  map[uint16]string
 	labeled bool // has connect.* labels, valid or not
 }
@@ -555,8 +557,16 @@ func (w *Watcher) observe(ctx context.Context, c *dockerapi.Container, depth int
 		pid:     c.State.Pid,
 		key:     id,
 		netIno:  w.nsInode(c.State.Pid),
+		netns:   netnsPath(c.State.Pid),
 		routes:  routes,
 		labeled: labeled,
+	}
+	// Podman's --network ns:<path> joins a namespace that outlives the
+	// container: reached by the container's PID, its rules could not be
+	// cleared once the container is gone. The path is used only while it
+	// holds the very namespace the container's process is in.
+	if p, ok := strings.CutPrefix(mode, "ns:"); ok && ct.netIno != 0 && pathInode(p) == ct.netIno {
+		ct.netns = p
 	}
 	owner, shared := strings.CutPrefix(mode, "container:")
 	if !shared || owner == "" {
@@ -684,7 +694,7 @@ func (w *Watcher) reconcile(ctx context.Context, retry bool) {
 		})
 		routes := make(map[uint16]string)
 		claimedBy := make(map[uint16]*container)
-		ns := &nsState{path: netnsPath(members[0].pid)}
+		ns := &nsState{path: members[0].netns}
 		for _, c := range members {
 			ns.members = append(ns.members, Container{ID: short(c.id), Name: c.name})
 			for _, port := range slices.Sorted(maps.Keys(c.routes)) {

@@ -2,6 +2,7 @@ package docker
 
 import (
 	"maps"
+	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -171,4 +172,37 @@ func TestPodmanPodMembersShareOneNamespace(t *testing.T) {
 		p.send("cleanup", id)
 	}
 	sink.waitRemoved(t, infra)
+}
+
+// A container in Podman's --network ns:<path> is set up at that path, which
+// outlives it, so that its rules can be cleared after it is gone; but only
+// while the path holds the container's namespace.
+func TestPodmanNamespacePath(t *testing.T) {
+	testenv.CheckGoroutines(t)
+	dir := t.TempDir()
+	ns, other := dir+"/ns", dir+"/other"
+	for _, path := range []string{ns, other} {
+		if err := os.WriteFile(path, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := newPodmanEngine()
+	sink := newRecordingSink()
+	sink.keys = nil
+	joined := p.add("joined", "ns:"+ns, map[string]string{"connect.6000": "a"})
+	p.setNetns(joined, pathInode(ns))
+	// The path names another namespace than the process is in (say, a
+	// path reused since): the process's own is set up.
+	stale := p.add("stale", "ns:"+other, map[string]string{"connect.6000": "b"})
+	p.setNetns(stale, pathInode(ns)+1)
+	w, _ := newFakeWatcher(t, p.fakeEngine, sink, never)
+	w.eng = p
+	startWatcher(t, w)
+
+	if got := sink.waitApplied(t, joined, map[uint16]string{6000: "a"}); got.netns != ns {
+		t.Errorf("netns = %q; want the ns:<path> %q", got.netns, ns)
+	}
+	if got, want := sink.waitApplied(t, stale, map[uint16]string{6000: "b"}), netnsPath(p.pid(stale)); got.netns != want {
+		t.Errorf("netns = %q; want the process's %q", got.netns, want)
+	}
 }
