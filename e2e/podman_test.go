@@ -143,11 +143,12 @@ func TestPodman(t *testing.T) {
 		if _, err := p.Command("pod", "stop", "-t", "0", pod); err != nil {
 			t.Fatal(err)
 		}
+		// Each member's death is its own event: when the infra container
+		// dies first, the members still running are briefly namespaces of
+		// their own.
 		took := waitPodmanGone(t, d, m1, inodes)
+		took += waitPodmanGone(t, d, m2, nil)
 		t.Logf("pod stop: namespace dropped %v after podman pod stop returned", took.Round(time.Millisecond))
-		if namespaceWith(status(t, d), m2) != nil {
-			t.Errorf("the other member is still in /status")
-		}
 		checkEventsOnly(t, d, base)
 	})
 
