@@ -29,7 +29,7 @@ const podmanResync = time.Hour
 
 // podmanGone bounds how long a stopped or removed container's namespace may
 // stay in the daemon's /status and listeners. Measured on the shared 2-core
-// machine: 3-240 ms after the podman command returned (the daemon often
+// machine: 2-240 ms after the podman command returned (the daemon often
 // finishes first: the event comes before podman's own clean-up ends). The
 // bound is loose for slow machines yet far below the resync interval, and the
 // resync and reconnection counters are checked as well.
