@@ -194,7 +194,7 @@ func TestPodmanNamespacePath(t *testing.T) {
 	// The path names another namespace than the process is in (say, a
 	// path reused since): the process's own is set up.
 	stale := p.add("stale", "ns:"+other, map[string]string{"connect.6000": "b"})
-	p.setNetns(stale, pathInode(ns)+1)
+	p.setNetns(stale, pathInode(ns))
 	w, _ := newFakeWatcher(t, p.fakeEngine, sink, never)
 	w.eng = p
 	startWatcher(t, w)
