@@ -7,8 +7,9 @@
 // A namespace is named by a key, the ID of the container that owns it (for
 // --network container:<id>, the container named there), and found at
 // /proc/<pid>/ns/net of that owner's main process (at the path itself for
-// Podman's --network ns:<path>, which outlives the container). Containers in host network
-// mode are never set up: rules there would capture the host's own traffic.
+// Podman's --network ns:<path>, which outlives the container). Containers in
+// host network mode are never set up: rules there would capture the host's
+// own traffic.
 //
 // Typical usage:
 //
