@@ -61,17 +61,33 @@ func EnsureBusyboxImage() (string, error) {
 // buildBusyboxImage streams a root file system straight into docker import,
 // so nothing is left on disk.
 func buildBusyboxImage() error {
-	path, err := exec.LookPath("busybox")
+	rootfs, err := busyboxRootFS(nil)
 	if err != nil {
 		return err
 	}
+	cmd := exec.Command("docker", "import", "--change", `CMD ["/bin/sh"]`, "-", BusyboxImageName)
+	cmd.Stdin = rootfs
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("docker import: %w: %s", err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// busyboxRootFS returns, as a tar archive, a root file system holding the
+// host's static busybox with its applets linked under /bin, and the extra
+// executable files (path → content).
+func busyboxRootFS(extra map[string]string) (*bytes.Buffer, error) {
+	path, err := exec.LookPath("busybox")
+	if err != nil {
+		return nil, err
+	}
 	bin, err := os.ReadFile(path)
 	if err != nil {
-		return fmt.Errorf("reading busybox: %w", err)
+		return nil, fmt.Errorf("reading busybox: %w", err)
 	}
 	out, err := exec.Command(path, "--list").Output()
 	if err != nil {
-		return fmt.Errorf("listing busybox applets: %w", err)
+		return nil, fmt.Errorf("listing busybox applets: %w", err)
 	}
 
 	var rootfs bytes.Buffer
@@ -83,43 +99,45 @@ func buildBusyboxImage() error {
 			mode = 0o1777
 		}
 		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: dir, Mode: mode, ModTime: now}); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "bin/busybox", Mode: 0o755, Size: int64(len(bin)), ModTime: now}); err != nil {
-		return err
+		return nil, err
 	}
 	if _, err := tw.Write(bin); err != nil {
-		return err
+		return nil, err
 	}
 	for _, applet := range strings.Fields(string(out)) {
 		if applet == "busybox" {
 			continue
 		}
 		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: "bin/" + applet, Linkname: "busybox", Mode: 0o777, ModTime: now}); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	passwd := []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
 	group := []byte("root:x:0:\nnogroup:x:65534:\n")
 	for name, data := range map[string][]byte{"etc/passwd": passwd, "etc/group": group} {
 		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Size: int64(len(data)), ModTime: now}); err != nil {
-			return err
+			return nil, err
 		}
 		if _, err := tw.Write(data); err != nil {
-			return err
+			return nil, err
+		}
+	}
+	for name, data := range extra {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o755, Size: int64(len(data)), ModTime: now}); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write([]byte(data)); err != nil {
+			return nil, err
 		}
 	}
 	if err := tw.Close(); err != nil {
-		return err
+		return nil, err
 	}
-
-	cmd := exec.Command("docker", "import", "--change", `CMD ["/bin/sh"]`, "-", BusyboxImageName)
-	cmd.Stdin = &rootfs
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("docker import: %w: %s", err, bytes.TrimSpace(out))
-	}
-	return nil
+	return &rootfs, nil
 }
 
 // DockerTimeout bounds one docker command of a test. The engine here answers
