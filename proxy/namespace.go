@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/connectable/connectable/netns"
 )
 
 // slot is everything the server keeps for one key: the lock that runs the
@@ -109,11 +109,29 @@ type space struct {
 	active     atomic.Int64  // connections accepted here and not yet finished
 	stop       chan struct{} // closed to end the accept loops' back-off sleeps
 	loops      sync.WaitGroup
+	// release drops the space's own reference to the netns.Handle that
+	// netns names (a no-op for a path): the namespace stays the same one
+	// until the space's rules are cleared, whoever handed it over.
+	release func()
 }
 
 // open opens the listeners of a new space, on the configured port, on the
 // port a previous run's rules point at, or on a port the kernel picks.
 func (s *Server) open(key, netns string) (*space, error) {
+	release, err := nsHold(netns)
+	if err != nil {
+		return nil, fmt.Errorf("namespace of %s: %w", key, err)
+	}
+	sp, err := s.openHeld(key, netns)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	sp.release = release
+	return sp, nil
+}
+
+func (s *Server) openHeld(key, netns string) (*space, error) {
 	port := s.Port
 	if port == 0 && s.Redirector != nil {
 		p, err := s.Redirector.Port(netns)
@@ -174,6 +192,8 @@ func (s *Server) clearRules(sp *space) error {
 	return nil
 }
 
+// closeListeners ends the space: called once, after its rules are cleared
+// or never installed, it also drops the space's hold on its namespace.
 func (sp *space) closeListeners() {
 	close(sp.stop)
 	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
@@ -182,17 +202,16 @@ func (sp *space) closeListeners() {
 		}
 	}
 	sp.loops.Wait()
+	sp.release()
 }
 
-// gone reports whether the namespace file has disappeared, which means the
-// namespace died with its container and took its rules along.
-func gone(netns string) bool {
-	if netns == "" {
-		return false
-	}
-	_, err := os.Stat(netns)
-	return errors.Is(err, fs.ErrNotExist)
-}
+// gone reports whether the namespace no longer exists as far as the server
+// can tell: its file disappeared, or the netns.Handle naming it was
+// released. Its rules went with it, or are no longer ours to touch.
+func gone(name string) bool { return netns.Gone(name) }
+
+// nsHold is netns.Hold: the package's parameters named netns shadow it.
+var nsHold = netns.Hold
 
 // acceptLoop accepts connections on one listener of sp until it is closed,
 // and hands each to a conn of its own.
