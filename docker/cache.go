@@ -11,6 +11,8 @@ import (
 	"time"
 
 	dockerapi "github.com/fsouza/go-dockerclient"
+
+	"github.com/connectable/connectable/netns"
 )
 
 // container is what the watcher keeps of one inspected container: the
@@ -26,6 +28,19 @@ type container struct {
 	netIno  uint64 // inode of its network namespace, 0 if unknown
 	routes  map[uint16]string
 	labeled bool // has connect.* labels, valid or not
+	// ns is its network namespace, opened and verified once when the
+	// container (this process of it) was first seen; the cache holds one
+	// reference, dropped when the entry goes. nil with nsErr when it could
+	// not be opened or verified; nil without (tests' fake engine): Path.
+	ns    *netns.Handle
+	nsErr error
+}
+
+// drop releases what c holds.
+func (c *container) drop() {
+	if c != nil && c.ns != nil {
+		c.ns.Release()
+	}
 }
 
 // cache holds the running containers that matter: those with connect.*
@@ -44,7 +59,7 @@ func newCache(log *slog.Logger) cache {
 func (c *cache) len() int                 { return len(c.containers) }
 func (c *cache) known(id string) bool     { return c.containers[id] != nil || c.referenced(id) }
 func (c *cache) ids() []string            { return slices.Collect(maps.Keys(c.containers)) }
-func (c *cache) forget(id string)         { delete(c.containers, id) }
+func (c *cache) forget(id string)         { c.containers[id].drop(); delete(c.containers, id) }
 func (c *cache) dropWarningsOf(id string) { delete(c.warned, id) }
 
 // snapshot returns the kept containers; they are never modified.
@@ -76,6 +91,7 @@ func (c *cache) prune() {
 		dropped := false
 		for id, m := range c.containers {
 			if !m.labeled && !c.referenced(id) {
+				m.drop()
 				delete(c.containers, id)
 				dropped = true
 			}
@@ -86,11 +102,28 @@ func (c *cache) prune() {
 	}
 }
 
+// clear drops every entry, releasing what they hold.
+func (c *cache) clear() {
+	for id := range c.containers {
+		c.forget(id)
+	}
+}
+
 // observe records an inspected container: kept if it runs and either asks
 // for routes or owns the namespace of one that does, forgotten otherwise.
-// owner is the full ID of the container it joined, if any.
-func (w *Watcher) observe(dc *dockerapi.Container, owner string) {
+// owner is the full ID of the container it joined, if any. o is the
+// namespace the inspection opened for it; observe takes its reference, and
+// keeps the one already cached for the same process instead: a namespace
+// is opened once per process seen, and never reopened by its path for an
+// operation.
+func (w *Watcher) observe(dc *dockerapi.Container, owner string, o opened) {
 	c := &w.cache
+	kept := false
+	defer func() {
+		if !kept && o.h != nil {
+			o.h.Release()
+		}
+	}()
 	id, name := dc.ID, strings.TrimPrefix(dc.Name, "/")
 	if !dc.State.Running || dc.State.Pid == 0 {
 		w.log.Debug("container not running", "container", name, "id", short(id))
@@ -124,7 +157,6 @@ func (w *Watcher) observe(dc *dockerapi.Container, owner string) {
 		name:    name,
 		created: dc.Created,
 		pid:     dc.State.Pid,
-		netIno:  w.nsInode(dc.State.Pid),
 		routes:  routes,
 		labeled: labeled,
 	}
@@ -133,6 +165,24 @@ func (w *Watcher) observe(dc *dockerapi.Container, owner string) {
 	}
 	if _, shared := ownerRef(dc); shared {
 		ct.owner = owner
+	}
+	old := c.containers[id]
+	reuse := old != nil && old.pid == ct.pid && old.ns != nil
+	switch {
+	case reuse:
+		ct.ns = old.ns // the same process: the namespace opened first
+	case o.h != nil:
+		ct.ns, kept = o.h, true
+	default:
+		ct.nsErr = o.err
+	}
+	if ct.ns != nil {
+		ct.netIno = ct.ns.Inode()
+	} else {
+		ct.netIno = w.nsInode(dc.State.Pid)
+	}
+	if !reuse {
+		old.drop()
 	}
 	c.containers[id] = ct
 }
