@@ -219,8 +219,8 @@ type fakeEngine struct {
 	// onInspect optionally runs at the start of every inspection, outside
 	// the lock, e.g. to hold one like a stuck engine does.
 	onInspect func(opts dockerapi.InspectContainerOptions)
-	inspects   map[string]int
-	netns      map[int]uint64 // pid → namespace inode; absent: unknown
+	inspects  map[string]int
+	netns     map[int]uint64 // pid → namespace inode; absent: unknown
 }
 
 func newFakeEngine() *fakeEngine {
