@@ -167,10 +167,12 @@ func (w *Watcher) observe(dc *dockerapi.Container, owner string, o opened) {
 		ct.owner = owner
 	}
 	old := c.containers[id]
-	reuse := old != nil && old.pid == ct.pid && old.ns != nil
+	// The same process: keep the namespace opened first, unless this
+	// inspection verified another (a restart that drew the same PID).
+	reuse := old != nil && old.pid == ct.pid && old.ns != nil && (o.h == nil || o.h.Inode() == old.ns.Inode())
 	switch {
 	case reuse:
-		ct.ns = old.ns // the same process: the namespace opened first
+		ct.ns = old.ns
 	case o.h != nil:
 		ct.ns, kept = o.h, true
 	default:
