@@ -30,10 +30,10 @@ import (
 func TestChaosPIDReuse(t *testing.T) {
 	prerequisites(t)
 	testenv.NeedCommand(t, "unshare", "ip", "ss", "bash")
-	be := testenv.StartBackend(t, testenv.Echo)
-	srvs, hosts := srvRecord("echo.service.test", "echo.node.test", be.Port())
+	be := startBackend(t, "be")
+	srvs, hosts := service("web.service.test", be)
 	d := startDaemon(t, testenv.Dnsmasq(t, srvs, hosts))
-	id := container(t, "-l", "connect.6000=echo.service.test")
+	id := container(t, "-l", "connect.6000=web.service.test")
 	oldPid := pid(t, id)
 	waitServed(t, netnsOf(t, id), 6000, 60*time.Second)
 	key := "key=" + id[:12]
