@@ -183,9 +183,11 @@ func (in *inspector) inspect(id string, seq uint64) {
 	in.results <- r
 }
 
-// open opens c's network namespace if it may be set up. Containers in host
-// mode, or that joined another's namespace, are opened too when they run:
-// desired() decides which namespace is used, and the host's is refused here.
+// open opens c's network namespace if it runs and is not in host mode (nor
+// the daemon itself). A container that joined another's namespace is opened
+// too: desired() decides whose handle a namespace uses, and keys a member by
+// itself once its owner is gone. A namespace that is the host's, reached some
+// other way, is refused by netns.FromFD.
 func (w *Watcher) open(ctx context.Context, c *dockerapi.Container) opened {
 	if !c.State.Running || c.State.Pid == 0 || isSelf(w.cfg.SelfID, c.ID) ||
 		(c.HostConfig != nil && c.HostConfig.NetworkMode == "host") {

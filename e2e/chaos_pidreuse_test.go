@@ -1,13 +1,22 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"net/http/httputil"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -61,47 +70,8 @@ func TestChaosPIDReuse(t *testing.T) {
 		return nil
 	})
 	impostor := spawnAtPID(t, oldPid)
-	ns := "/var/run/netns/" + testenv.RandomName("cnt-impostor-")
-	name := strings.TrimPrefix(ns, "/var/run/netns/")
-	testenv.Run(t, "ip", "netns", "attach", name, strconv.Itoa(impostor))
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
-		}
-	})
-	testenv.Exec(t, ns, "ip", "link", "set", "lo", "up")
-	// Another tenant's state, in every backend the daemon might use.
-	var backends []string
-	for _, b := range []string{"nft", "legacy"} {
-		if _, err := exec.LookPath("iptables-" + b); err != nil {
-			continue
-		}
-		backends = append(backends, b)
-		ipt := "iptables-" + b
-		testenv.Exec(t, ns, ipt, "-t", "nat", "-N", iptables.Chain)
-		testenv.Exec(t, ns, ipt, "-t", "nat", "-A", iptables.Chain, "-p", "tcp", "--dport", "6000", "-j", "REDIRECT", "--to-ports", "7777")
-		testenv.Exec(t, ns, ipt, "-t", "nat", "-A", "OUTPUT", "-j", iptables.Chain)
-	}
-	var ln net.Listener
-	if err := netns.Do(ns, func() (err error) {
-		ln, err = net.Listen("tcp4", "127.0.0.1:7777")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	snapshot := func() string {
-		var b strings.Builder
-		for _, backend := range backends {
-			b.WriteString(testenv.Exec(t, ns, "iptables-"+backend+"-save", "-t", "nat"))
-		}
-		b.WriteString(testenv.Exec(t, ns, "ss", "-ltnH"))
-		return stripCounters(b.String())
-	}
+	_, snapshot := impostorNamespace(t, impostor)
 	before := snapshot()
-	if !strings.Contains(before, "-A "+iptables.Chain) || !strings.Contains(before, "127.0.0.1:7777") {
-		t.Fatalf("impostor namespace not as made:\n%s", before)
-	}
 
 	page, _ := scrape(d.admin)
 	resyncs := metric(page, "connectable_docker_resyncs_total")
@@ -186,4 +156,182 @@ func stripCounters(s string) string {
 		b.WriteString(l + "\n")
 	}
 	return b.String()
+}
+
+// TestChaosPIDReuseSetUp is the set-up side of the race: the daemon reads a
+// container's PID from an inspection, and before it opens the namespace the
+// container dies and another process, in another namespace, gets the PID. A
+// proxy between the daemon and the engine holds that one inspection's
+// answer (running, PID P) while the test kills the container and spawns the
+// impostor at P. The daemon must refuse that namespace, say so, and leave it
+// untouched.
+func TestChaosPIDReuseSetUp(t *testing.T) {
+	prerequisites(t)
+	testenv.NeedCommand(t, "unshare", "ip", "ss", "bash")
+	be := startBackend(t, "be")
+	srvs, hosts := service("web.service.test", be)
+	tag := testenv.RandomName("pidreuse-")
+	api := holdInspection(t, "chaos.pidreuse="+tag)
+	d := startDaemon(t, testenv.Dnsmasq(t, srvs, hosts), "--docker-host", "unix://"+api.sock)
+
+	id := container(t, "-l", "connect.6000=web.service.test", "-l", "chaos.pidreuse="+tag)
+	var oldPid int
+	select {
+	case oldPid = <-api.captured:
+	case <-time.After(60 * time.Second):
+		t.Fatal("the daemon never inspected the container")
+	}
+	testenv.Run(t, "docker", "kill", id)
+	eventually(t, 20*time.Second, "the container's process gone", func() error {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", oldPid)); err == nil {
+			return fmt.Errorf("process %d still there", oldPid)
+		}
+		return nil
+	})
+	impostor := spawnAtPID(t, oldPid)
+	ns, snapshot := impostorNamespace(t, impostor)
+	before := snapshot()
+	close(api.release)
+
+	name := strings.TrimPrefix(testenv.Run(t, "docker", "inspect", "-f", "{{.Name}}", id), "/")
+	name = strings.TrimSpace(name)
+	eventually(t, 60*time.Second, "the refusal of the reused PID's namespace", func() error {
+		if countLines(d.logs.String(), "could not be opened as the container's", "container="+name) == 0 {
+			return errors.New("not logged")
+		}
+		return nil
+	})
+	page, _ := scrape(d.admin)
+	resyncs := metric(page, "connectable_docker_resyncs_total")
+	eventually(t, 60*time.Second, "two more resyncs", func() error {
+		page, err := scrape(d.admin)
+		if err != nil {
+			return err
+		}
+		if n := metric(page, "connectable_docker_resyncs_total"); n < resyncs+2 {
+			return fmt.Errorf("%v resyncs, want %v", n, resyncs+2)
+		}
+		return nil
+	})
+	if after := snapshot(); after != before {
+		t.Errorf("the namespace that took the container's PID (%s) changed:\nbefore:\n%s\nafter:\n%s", ns, before, after)
+	}
+	if n := countLines(d.logs.String(), "namespace set up", "key="+id[:12]); n != 0 {
+		t.Errorf("the dead container's namespace was set up %d times", n)
+	}
+}
+
+// impostorNamespace gives the process pid's namespace what another tenant's
+// would hold (connectable's chain with a rule, in every backend there is,
+// and a listener) and returns its path and a function that snapshots it.
+func impostorNamespace(t *testing.T, pid int) (string, func() string) {
+	t.Helper()
+	name := testenv.RandomName("cnt-impostor-")
+	ns := "/var/run/netns/" + name
+	testenv.Run(t, "ip", "netns", "attach", name, strconv.Itoa(pid))
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", name, err, out)
+		}
+	})
+	testenv.Exec(t, ns, "ip", "link", "set", "lo", "up")
+	var backends []string
+	for _, b := range []string{"nft", "legacy"} {
+		if _, err := exec.LookPath("iptables-" + b); err != nil {
+			continue
+		}
+		backends = append(backends, b)
+		ipt := "iptables-" + b
+		testenv.Exec(t, ns, ipt, "-t", "nat", "-N", iptables.Chain)
+		testenv.Exec(t, ns, ipt, "-t", "nat", "-A", iptables.Chain, "-p", "tcp", "--dport", "6000", "-j", "REDIRECT", "--to-ports", "7777")
+		testenv.Exec(t, ns, ipt, "-t", "nat", "-A", "OUTPUT", "-j", iptables.Chain)
+	}
+	var ln net.Listener
+	if err := netns.Do(ns, func() (err error) {
+		ln, err = net.Listen("tcp4", "127.0.0.1:7777")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	snapshot := func() string {
+		var b strings.Builder
+		for _, backend := range backends {
+			b.WriteString(testenv.Exec(t, ns, "iptables-"+backend+"-save", "-t", "nat"))
+		}
+		b.WriteString(testenv.Exec(t, ns, "ss", "-ltnH"))
+		return stripCounters(b.String())
+	}
+	if s := snapshot(); !strings.Contains(s, "-A "+iptables.Chain) || !strings.Contains(s, "127.0.0.1:7777") {
+		t.Fatalf("impostor namespace not as made:\n%s", s)
+	}
+	return ns, snapshot
+}
+
+// heldAPI is a proxy to the local engine's socket that holds back the first
+// inspection answer naming a marker, until release is closed.
+type heldAPI struct {
+	sock     string
+	captured chan int // the PID that answer reports
+	release  chan struct{}
+}
+
+func holdInspection(t *testing.T, marker string) *heldAPI {
+	t.Helper()
+	dir := t.TempDir()
+	h := &heldAPI{sock: filepath.Join(dir, "docker.sock"), captured: make(chan int, 1), release: make(chan struct{})}
+	ln, err := net.Listen("unix", h.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	inspect := regexp.MustCompile(`/containers/[^/]+/json$`)
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) {
+			r.Out.URL.Scheme, r.Out.URL.Host = "http", "docker"
+		},
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", "/var/run/docker.sock")
+		}},
+		FlushInterval: -1, // the event stream
+		ModifyResponse: func(resp *http.Response) error {
+			if !inspect.MatchString(resp.Request.URL.Path) {
+				return nil
+			}
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				return err
+			}
+			resp.Body = io.NopCloser(bytes.NewReader(body))
+			if !bytes.Contains(body, []byte(marker)) {
+				return nil
+			}
+			var c struct{ State struct{ Pid int } }
+			if json.Unmarshal(body, &c) != nil || c.State.Pid == 0 {
+				return nil
+			}
+			held := false
+			once.Do(func() { held = true })
+			if held {
+				h.captured <- c.State.Pid
+				select {
+				case <-h.release:
+				case <-resp.Request.Context().Done():
+				}
+			}
+			return nil
+		},
+	}
+	srv := &http.Server{Handler: rp}
+	go srv.Serve(ln)
+	t.Cleanup(func() {
+		select {
+		case <-h.release:
+		default:
+			close(h.release)
+		}
+		srv.Close()
+	})
+	return h
 }
