@@ -181,6 +181,9 @@ func TestChaosPIDReuseSetUp(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("the daemon never inspected the container")
 	}
+	if oldPid == 0 {
+		t.Fatal("the first inspection shows no process")
+	}
 	testenv.Run(t, "docker", "kill", id)
 	eventually(t, 20*time.Second, "the container's process gone", func() error {
 		if _, err := os.Stat(fmt.Sprintf("/proc/%d", oldPid)); err == nil {
@@ -268,8 +271,9 @@ func impostorNamespace(t *testing.T, pid int) (string, func() string) {
 	return ns, snapshot
 }
 
-// heldAPI is a proxy to the local engine's socket that holds back the first
-// inspection answer naming a marker, until release is closed.
+// heldAPI is a proxy to the local engine's socket that holds back the
+// inspection answers naming a marker until release is closed, and reports
+// the PID in the first.
 type heldAPI struct {
 	sock     string
 	captured chan int // the PID that answer reports
@@ -284,7 +288,8 @@ func holdInspection(t *testing.T, marker string) *heldAPI {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var once sync.Once
+	var mu sync.Mutex
+	held := 0 // answers held so far
 	inspect := regexp.MustCompile(`/containers/[^/]+/json$`)
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
@@ -308,17 +313,29 @@ func holdInspection(t *testing.T, marker string) *heldAPI {
 				return nil
 			}
 			var c struct{ State struct{ Pid int } }
-			if json.Unmarshal(body, &c) != nil || c.State.Pid == 0 {
+			if json.Unmarshal(body, &c) != nil {
 				return nil
 			}
-			held := false
-			once.Do(func() { held = true })
-			if held {
+			select {
+			case <-h.release:
+				return nil // released: answers pass
+			default:
+			}
+			// Every answer about the container is held, the first one
+			// captured: a later one (a resync's, the die event's) must
+			// not overtake it and make it stale. After the release they
+			// follow the first in the order they came.
+			mu.Lock()
+			n := held
+			held++
+			mu.Unlock()
+			if n == 0 {
 				h.captured <- c.State.Pid
-				select {
-				case <-h.release:
-				case <-resp.Request.Context().Done():
-				}
+			}
+			select {
+			case <-h.release:
+				time.Sleep(time.Duration(n) * 500 * time.Millisecond)
+			case <-resp.Request.Context().Done():
 			}
 			return nil
 		},
