@@ -171,7 +171,7 @@ func TestChaosPIDReuseSetUp(t *testing.T) {
 	be := startBackend(t, "be")
 	srvs, hosts := service("web.service.test", be)
 	tag := testenv.RandomName("pidreuse-")
-	api := holdInspection(t, "chaos.pidreuse="+tag)
+	api := holdInspection(t, tag) // unique: found only in this container's labels
 	d := startDaemon(t, testenv.Dnsmasq(t, srvs, hosts), "--docker-host", "unix://"+api.sock)
 
 	id := container(t, "-l", "connect.6000=web.service.test", "-l", "chaos.pidreuse="+tag)
