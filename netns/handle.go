@@ -245,6 +245,18 @@ func Gone(name string) bool {
 	return errors.Is(unix.Stat(name, &st), unix.ENOENT)
 }
 
+// Describe returns name for people: for a Handle's name, where the Handle
+// was opened, its inode and the name; a path as it is.
+func Describe(name string) string {
+	if !IsHandle(name) {
+		return name
+	}
+	if h := lookup(name); h != nil {
+		return h.String()
+	}
+	return name + " (released)"
+}
+
 func lookup(name string) *Handle {
 	handlesM.Lock()
 	defer handlesM.Unlock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -59,6 +60,9 @@ func TestSpaceHoldsNamespaceHandle(t *testing.T) {
 	st := s.Namespaces()
 	if len(st) != 1 || st[0].Port == 0 {
 		t.Fatalf("namespaces: %+v", st)
+	}
+	if !strings.HasPrefix(st[0].NetNS, ns+" (inode ") {
+		t.Errorf("status shows netns %q; want where the handle was opened, %s, and its inode", st[0].NetNS, ns)
 	}
 	// The listener is in the handle's namespace.
 	if _, err := dialIn(t, ns, "tcp4", fmt.Sprintf("127.0.0.1:%d", st[0].Port)); err != nil {
