@@ -86,3 +86,33 @@ func TestSpaceHoldsNamespaceHandle(t *testing.T) {
 		t.Error("Apply by a released handle's name succeeded")
 	}
 }
+
+// Close clears the rules last, after the drain: the space's handle must
+// still be open then, whoever else let go.
+func TestCloseClearsThroughHeldHandle(t *testing.T) {
+	testenv.NeedRoot(t)
+	testenv.CheckGoroutines(t)
+	ns := testenv.NewNetNS(t)
+	checkFDs(t)
+	h, err := netns.Open(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ino, name := h.Inode(), h.Name()
+	red := &inodeRedirector{}
+	s := &Server{Resolver: newResolver(false), Redirector: red, Logger: testLogger(t, -4)}
+	if err := s.Apply(context.Background(), "c1", name, map[uint16]string{6000: "a.service"}); err != nil {
+		t.Fatal(err)
+	}
+	h.Release()
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	want := []string{fmt.Sprintf("apply %d", ino), fmt.Sprintf("clear %d", ino)}
+	if fmt.Sprint(red.calls) != fmt.Sprint(want) {
+		t.Errorf("redirector calls %v; want %v", red.calls, want)
+	}
+	if !netns.Gone(name) {
+		t.Error("the handle still open after Close")
+	}
+}

@@ -111,8 +111,20 @@ type space struct {
 	loops      sync.WaitGroup
 	// release drops the space's own reference to the netns.Handle that
 	// netns names (a no-op for a path): the namespace stays the same one
-	// until the space's rules are cleared, whoever handed it over.
+	// until the space's rules are cleared, whoever handed it over. It runs
+	// once ends, what the space still has to do in the namespace, is
+	// done: close its listeners and, once it served (its rules went in),
+	// clear its rules. Teardown clears first, Close closes first.
 	release func()
+	ends    atomic.Int32
+	served  atomic.Bool
+}
+
+// ended marks one of sp's last operations in its namespace done.
+func (sp *space) ended() {
+	if sp.ends.Add(-1) == 0 {
+		sp.release()
+	}
 }
 
 // open opens the listeners of a new space, on the configured port, on the
@@ -128,6 +140,7 @@ func (s *Server) open(key, netns string) (*space, error) {
 		return nil, err
 	}
 	sp.release = release
+	sp.ends.Store(1) // closeListeners
 	return sp, nil
 }
 
@@ -162,8 +175,11 @@ func (s *Server) openHeld(key, netns string) (*space, error) {
 	return sp, nil
 }
 
-// serve starts the accept loops of sp's listeners.
+// serve starts the accept loops of sp's listeners. Only a space whose rules
+// are in is served: from now on its end includes clearRules.
 func (sp *space) serve(s *Server) {
+	sp.ends.Add(1)
+	sp.served.Store(true)
 	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
 		if ln != nil {
 			sp.loops.Add(1)
@@ -183,6 +199,9 @@ func (s *Server) teardown(sp *space) error {
 
 // clearRules removes the space's rules; see teardown.
 func (s *Server) clearRules(sp *space) error {
+	if sp.served.CompareAndSwap(true, false) {
+		defer sp.ended()
+	}
 	if s.Redirector == nil {
 		return nil
 	}
@@ -192,8 +211,8 @@ func (s *Server) clearRules(sp *space) error {
 	return nil
 }
 
-// closeListeners ends the space: called once, after its rules are cleared
-// or never installed, it also drops the space's hold on its namespace.
+// closeListeners closes the space's listeners and waits for its accept
+// loops; called once.
 func (sp *space) closeListeners() {
 	close(sp.stop)
 	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
@@ -202,7 +221,7 @@ func (sp *space) closeListeners() {
 		}
 	}
 	sp.loops.Wait()
-	sp.release()
+	sp.ended()
 }
 
 // gone reports whether the namespace no longer exists as far as the server
