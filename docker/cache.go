@@ -11,6 +11,8 @@ import (
 	"time"
 
 	dockerapi "github.com/fsouza/go-dockerclient"
+
+	"github.com/connectable/connectable/netns"
 )
 
 // container is what the watcher keeps of one inspected container: the
@@ -24,9 +26,22 @@ type container struct {
 	mode    string // HostConfig.NetworkMode: "bridge", "host", "none", "container:<ref>", ...
 	owner   string // for container:<ref>, the full ID of that container (the ref if it could not be inspected)
 	netIno  uint64 // inode of its network namespace, 0 if unknown
-	netns   string // where to enter its network namespace
+	netns   string // where its network namespace was found, for status and logs (and for tests without a handle)
 	routes  map[uint16]string
 	labeled bool // has connect.* labels, valid or not
+	// ns is its network namespace, opened and verified once when the
+	// container (this process of it) was first seen; the cache holds one
+	// reference, dropped when the entry goes. nil with nsErr when it could
+	// not be opened or verified; nil without (tests' fake engine): Path.
+	ns    *netns.Handle
+	nsErr error
+}
+
+// drop releases what c holds.
+func (c *container) drop() {
+	if c != nil && c.ns != nil {
+		c.ns.Release()
+	}
 }
 
 // cache holds the running containers that matter: those with connect.*
@@ -45,7 +60,7 @@ func newCache(log *slog.Logger) cache {
 func (c *cache) len() int                 { return len(c.containers) }
 func (c *cache) known(id string) bool     { return c.containers[id] != nil || c.referenced(id) }
 func (c *cache) ids() []string            { return slices.Collect(maps.Keys(c.containers)) }
-func (c *cache) forget(id string)         { delete(c.containers, id) }
+func (c *cache) forget(id string)         { c.containers[id].drop(); delete(c.containers, id) }
 func (c *cache) dropWarningsOf(id string) { delete(c.warned, id) }
 
 // snapshot returns the kept containers; they are never modified.
@@ -77,6 +92,7 @@ func (c *cache) prune() {
 		dropped := false
 		for id, m := range c.containers {
 			if !m.labeled && !c.referenced(id) {
+				m.drop()
 				delete(c.containers, id)
 				dropped = true
 			}
@@ -87,11 +103,28 @@ func (c *cache) prune() {
 	}
 }
 
+// clear drops every entry, releasing what they hold.
+func (c *cache) clear() {
+	for id := range c.containers {
+		c.forget(id)
+	}
+}
+
 // observe records an inspected container: kept if it runs and either asks
 // for routes or owns the namespace of one that does, forgotten otherwise.
-// owner is the full ID of the container it joined, if any.
-func (w *Watcher) observe(dc *dockerapi.Container, owner string) {
+// owner is the full ID of the container it joined, if any. o is the
+// namespace the inspection opened for it; observe takes its reference, and
+// keeps the one already cached for the same process instead: a namespace
+// is opened once per process seen, and never reopened by its path for an
+// operation.
+func (w *Watcher) observe(dc *dockerapi.Container, owner string, o opened) {
 	c := &w.cache
+	kept := false
+	defer func() {
+		if !kept && o.h != nil {
+			o.h.Release()
+		}
+	}()
 	id, name := dc.ID, strings.TrimPrefix(dc.Name, "/")
 	if !dc.State.Running || dc.State.Pid == 0 {
 		w.log.Debug("container not running", "container", name, "id", short(id))
@@ -125,23 +158,44 @@ func (w *Watcher) observe(dc *dockerapi.Container, owner string) {
 		name:    name,
 		created: dc.Created,
 		pid:     dc.State.Pid,
-		netIno:  w.nsInode(dc.State.Pid),
 		routes:  routes,
 		labeled: labeled,
 	}
 	if dc.HostConfig != nil {
 		ct.mode = dc.HostConfig.NetworkMode
 	}
+	if _, shared := ownerRef(dc); shared {
+		ct.owner = owner
+	}
+	old := c.containers[id]
+	// The same process: keep the namespace opened first, unless this
+	// inspection verified another (a restart that drew the same PID).
+	reuse := old != nil && old.pid == ct.pid && old.ns != nil && (o.h == nil || o.h.Inode() == old.ns.Inode())
+	switch {
+	case reuse:
+		ct.ns = old.ns
+	case o.h != nil:
+		ct.ns, kept = o.h, true
+	default:
+		ct.nsErr = o.err
+	}
+	if ct.ns != nil {
+		ct.netIno = ct.ns.Inode()
+	} else {
+		ct.netIno = w.nsInode(dc.State.Pid)
+	}
 	ct.netns = netnsPath(ct.pid)
 	// Podman's --network ns:<path> joins a namespace that outlives the
-	// container: reached by the container's PID, its rules could not be
-	// cleared once the container is gone. The path is used only while it
-	// holds the very namespace the container's process is in.
+	// container. Without a handle (the fake engine of tests) it is entered
+	// at that path, so that its rules can still be cleared once the
+	// container is gone; with one, the handle keeps it reachable anyway and
+	// the path only names it. Either way only while the path holds the very
+	// namespace the container's process is in.
 	if p, ok := strings.CutPrefix(ct.mode, "ns:"); ok && ct.netIno != 0 && pathInode(p) == ct.netIno {
 		ct.netns = p
 	}
-	if _, shared := ownerRef(dc); shared {
-		ct.owner = owner
+	if !reuse {
+		old.drop()
 	}
 	c.containers[id] = ct
 }

@@ -34,7 +34,9 @@ type problem struct {
 //   - Within a namespace the owner's labels come first, then the other
 //     containers' by creation time: the first claim of a port wins, later
 //     claims of it are reported as conflicts.
-//   - A namespace without routes, or whose inode is forbidden, is left out.
+//   - A namespace without routes, or whose inode is forbidden, or that could
+//     not be opened and verified as its owner's, is left out. Its NetNS is
+//     the owner's handle: one per namespace, whichever container joined it.
 //
 // The result is sorted by key.
 func desired(cs []*container, self string, forbidden map[uint64]bool) ([]Namespace, []problem) {
@@ -83,7 +85,7 @@ func desired(cs []*container, self string, forbidden map[uint64]bool) ([]Namespa
 			}
 			return cmp.Or(a.created.Compare(b.created), strings.Compare(a.id, b.id))
 		})
-		ns := Namespace{Key: key, Path: owner.netns, Routes: make(map[uint16]string)}
+		ns := Namespace{Key: key, Path: owner.netns, NetNS: owner.ns, Routes: make(map[uint16]string)}
 		claimedBy := make(map[uint16]*container)
 		for _, c := range members {
 			ns.Containers = append(ns.Containers, Container{ID: short(c.id), Name: c.name})
@@ -106,6 +108,10 @@ func desired(cs []*container, self string, forbidden map[uint64]bool) ([]Namespa
 		}
 		if forbidden[owner.netIno] {
 			report(owner, "hostns", "skipping namespace: it is the host's or this daemon's own")
+			continue
+		}
+		if owner.ns == nil && owner.nsErr != nil {
+			report(owner, "netns", "skipping namespace: it could not be opened as the container's", "err", owner.nsErr)
 			continue
 		}
 		out = append(out, ns)
@@ -147,5 +153,5 @@ func boolCmp(a, b bool) int {
 // sameNamespace reports whether a and b ask for the same thing and show the
 // same members.
 func sameNamespace(a, b Namespace) bool {
-	return a.Key == b.Key && a.Path == b.Path && maps.Equal(a.Routes, b.Routes) && slices.Equal(a.Containers, b.Containers)
+	return a.Key == b.Key && a.Path == b.Path && a.NetNS == b.NetNS && maps.Equal(a.Routes, b.Routes) && slices.Equal(a.Containers, b.Containers)
 }

@@ -12,8 +12,12 @@
 // self.go (the daemon's own container).
 //
 // A namespace is named by a key, the ID of the container that owns it (for
-// --network container:<id>, the container named there), and found at
-// /proc/<pid>/ns/net of that owner's main process. Containers in host network
+// --network container:<id>, the container named there), and opened once, as
+// a netns.Handle, through the owner's main process when the watcher first
+// sees it (nsopen.go: pinned by a pidfd, checked against the engine's
+// SandboxKey or a second inspection), so that a reused PID never leads a
+// set-up or a teardown into another namespace. The cache holds one
+// reference per container process, the Sink takes its own in Desire. Containers in host network
 // mode are never set up: rules there would capture the host's own traffic.
 //
 // Typical usage:
@@ -47,6 +51,7 @@ import (
 
 	dockerapi "github.com/fsouza/go-dockerclient"
 
+	"github.com/connectable/connectable/netns"
 	"github.com/connectable/connectable/reconcile"
 )
 
@@ -141,6 +146,10 @@ type Watcher struct {
 	// Tests replace both, since their fake PIDs are real processes'.
 	nsInode   func(pid int) uint64
 	forbidden map[uint64]bool
+	// openNS opens and verifies a running container's network namespace
+	// (openNamespace); the fake engine's tests replace it, their PIDs
+	// being nobody's.
+	openNS func(ctx context.Context, c *dockerapi.Container) (*netns.Handle, error)
 
 	running atomic.Bool
 	healthy atomic.Bool
@@ -178,6 +187,7 @@ func newWatcher(cfg Config, eng engine) *Watcher {
 		nsInode:   netnsInode,
 		forbidden: make(map[uint64]bool),
 	}
+	w.openNS = w.openNamespace
 	// PID 1 is the host's init when we run on the host or with
 	// --pid=host; self is the host on the host. A container can land in
 	// either namespace in ways its own network mode does not show
@@ -242,6 +252,12 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 	defer w.running.Store(false)
 	defer w.healthy.Store(false)
+	// The namespaces the cache holds are released with it: the Sink holds
+	// its own references to those it set up. The next Run starts over.
+	defer func() {
+		w.cache.clear()
+		w.sent = nil
+	}()
 
 	backoff := w.backoff[0]
 	for {

@@ -305,6 +305,7 @@ func TestFaultSkips(t *testing.T) {
 	logger, logs := newLogger(t)
 	w := newWatcher(Config{Sink: sink.via(t, logger), ResyncInterval: 50 * time.Millisecond, Logger: logger, SelfID: self[:12]}, f)
 	w.nsInode, w.forbidden = f.inode, map[uint64]bool{1: true}
+	w.openNS = noNamespace
 	startWatcher(t, w)
 	sink.waitApplied(t, ok, map[uint16]string{6005: "fine"})
 	// Let a few resyncs pass: still nothing else, and no repeated warnings.

@@ -16,6 +16,7 @@ import (
 	dockerapi "github.com/fsouza/go-dockerclient"
 
 	"github.com/connectable/connectable/internal/testenv"
+	"github.com/connectable/connectable/netns"
 	"github.com/connectable/connectable/reconcile"
 )
 
@@ -415,5 +416,10 @@ func newFakeWatcher(t *testing.T, f *fakeEngine, sink *recordingSink, resync tim
 	w := newWatcher(Config{Sink: sink.via(t, logger), ResyncInterval: resync, Logger: logger}, f)
 	w.backoff = [2]time.Duration{10 * time.Millisecond, 50 * time.Millisecond}
 	w.nsInode, w.forbidden = f.inode, map[uint64]bool{}
+	w.openNS = noNamespace
 	return w, lb
 }
+
+// noNamespace stands for openNamespace with the fake engine, whose PIDs are
+// nobody's: no handle, so the namespaces keep their paths.
+func noNamespace(context.Context, *dockerapi.Container) (*netns.Handle, error) { return nil, nil }

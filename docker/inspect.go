@@ -8,6 +8,8 @@ import (
 	"sync"
 
 	dockerapi "github.com/fsouza/go-dockerclient"
+
+	"github.com/connectable/connectable/netns"
 )
 
 // inspection is what one inspection found out about a container.
@@ -17,9 +19,28 @@ type inspection struct {
 	// cs holds the container, then the containers whose namespace it
 	// joined (container:<id>), nearest first, as far as they could be
 	// inspected.
-	cs   []*dockerapi.Container
+	cs []*dockerapi.Container
+	// ns holds, for each of cs, the network namespace opened for it; the
+	// inspection owns the references until apply hands them on.
+	ns   []opened
 	gone bool  // the engine does not know id
 	err  error // the inspection failed otherwise
+}
+
+// opened is a container's network namespace as an inspection opened it.
+type opened struct {
+	h   *netns.Handle // nil: not opened (err says why, if it matters)
+	err error
+}
+
+// release drops the references r still owns.
+func (r *inspection) release() {
+	for i := range r.ns {
+		if r.ns[i].h != nil {
+			r.ns[i].h.Release()
+			r.ns[i].h = nil
+		}
+	}
 }
 
 // inspector runs inspections off the event path, at most inspectors at
@@ -110,7 +131,19 @@ func (in *inspector) fresh(id string, seq uint64) bool {
 // for id.
 func (in *inspector) seenSince(id string, seq uint64) bool { return in.seen[id] > seq }
 
-func (in *inspector) wait() { in.wg.Wait() }
+// wait waits for the inspections in flight, and releases what the results
+// nobody will take hold.
+func (in *inspector) wait() {
+	in.wg.Wait()
+	for {
+		select {
+		case r := <-in.results:
+			r.release()
+		default:
+			return
+		}
+	}
+}
 
 // inspect inspects id and the chain of containers whose namespace it
 // joined, and reports.
@@ -143,8 +176,28 @@ func (in *inspector) inspect(id string, seq uint64) {
 			r.cs = append(r.cs, oc)
 			c = oc
 		}
+		for _, c := range r.cs {
+			r.ns = append(r.ns, in.w.open(in.ctx, c))
+		}
 	}
 	in.results <- r
+}
+
+// open opens c's network namespace if it runs and is not in host mode (nor
+// the daemon itself). A container that joined another's namespace is opened
+// too: desired() decides whose handle a namespace uses, and keys a member by
+// itself once its owner is gone. A namespace that is the host's, reached some
+// other way, is refused by netns.FromFD.
+func (w *Watcher) open(ctx context.Context, c *dockerapi.Container) opened {
+	if !c.State.Running || c.State.Pid == 0 || isSelf(w.cfg.SelfID, c.ID) ||
+		(c.HostConfig != nil && c.HostConfig.NetworkMode == "host") {
+		return opened{}
+	}
+	h, err := w.openNS(ctx, c)
+	if err != nil {
+		return opened{err: err}
+	}
+	return opened{h: h}
 }
 
 // ownerRef returns the <ref> of a container:<ref> network mode.
@@ -186,6 +239,7 @@ func (w *Watcher) apply(r inspection, in *inspector) {
 	default:
 		// The container first, so that the owners it references are kept
 		// when they are observed next.
+		defer r.release() // what observe did not take
 		for i, c := range r.cs {
 			if !in.fresh(c.ID, r.seq) {
 				continue
@@ -196,7 +250,9 @@ func (w *Watcher) apply(r inspection, in *inspector) {
 			if i+1 < len(r.cs) {
 				owner = r.cs[i+1].ID
 			}
-			w.observe(c, owner)
+			o := r.ns[i]
+			r.ns[i].h = nil // observe's now
+			w.observe(c, owner, o)
 		}
 	}
 }

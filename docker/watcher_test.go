@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/connectable/connectable/internal/testenv"
+	"github.com/connectable/connectable/netns"
 )
 
 // These tests run the watcher against the machine's real Docker Engine.
@@ -64,6 +65,22 @@ func pidOf(t *testing.T, id string) int {
 	return pid
 }
 
+// wantNetns checks that the namespace a Sink was given is a handle's name
+// and enters the namespace of process pid.
+func wantNetns(t *testing.T, got string, pid int) {
+	t.Helper()
+	if !netns.IsHandle(got) {
+		t.Errorf("netns = %q; want a handle's name", got)
+		return
+	}
+	want := pathInode(netnsPath(pid))
+	var in uint64
+	err := netns.Do(got, func() error { in = pathInode("/proc/thread-self/ns/net"); return nil })
+	if err != nil || in != want {
+		t.Errorf("netns %s enters namespace %d (err %v); want process %d's, %d", got, in, err, pid, want)
+	}
+}
+
 func nameOf(t *testing.T, id string) string {
 	t.Helper()
 	return strings.TrimPrefix(docker(t, "inspect", "-f", "{{.Name}}", id), "/")
@@ -91,9 +108,7 @@ func TestRealContainerStartedBeforeRun(t *testing.T) {
 	}()
 	routes := map[uint16]string{6000: "redis.service.consul", 6001: "db"}
 	got := sink.waitApplied(t, id, routes)
-	if want := netnsPath(pidOf(t, id)); got.netns != want {
-		t.Errorf("netns = %q; want %q", got.netns, want)
-	}
+	wantNetns(t, got.netns, pidOf(t, id))
 
 	// Namespaces reflects it, with the other engine users' namespaces
 	// around it.
@@ -103,7 +118,7 @@ func TestRealContainerStartedBeforeRun(t *testing.T) {
 	}
 	n := w.Namespaces()[i]
 	wantMembers := []Container{{ID: short(id), Name: nameOf(t, id)}}
-	if st, _ := sink.status(id); n.Path != got.netns || !maps.Equal(n.Routes, routes) || !slices.Equal(n.Containers, wantMembers) || st.Err != "" {
+	if st, _ := sink.status(id); n.NetNS == nil || n.NetNS.Name() != got.netns || !maps.Equal(n.Routes, routes) || !slices.Equal(n.Containers, wantMembers) || st.Err != "" {
 		t.Errorf("Namespaces()[%d] = %+v; want path %s, routes %v, containers %v", i, n, got.netns, routes, wantMembers)
 	}
 
@@ -135,9 +150,7 @@ func TestRealSharedNamespace(t *testing.T) {
 	member := run(t, append([]string{"--network", "container:" + owner,
 		"--label", "connect.7001=" + b, "--label", "connect.7000=" + c}, img...)...)
 	got := sink.waitApplied(t, owner, map[uint16]string{7000: a, 7001: b})
-	if want := netnsPath(pidOf(t, owner)); got.netns != want {
-		t.Errorf("netns = %q; want the owner's %q", got.netns, want)
-	}
+	wantNetns(t, got.netns, pidOf(t, owner))
 	memberName := nameOf(t, member)
 	waitFor(t, "conflict warning", func() bool {
 		return len(logs.Lines("WARN", "container="+memberName, "label=connect.7000", "claimed_by=")) == 1
@@ -147,13 +160,9 @@ func TestRealSharedNamespace(t *testing.T) {
 	// old one, alone, where its labels (no longer disputed) still apply.
 	docker(t, "restart", "-t", "0", owner)
 	got = sink.waitApplied(t, owner, map[uint16]string{7000: a})
-	if want := netnsPath(pidOf(t, owner)); got.netns != want {
-		t.Errorf("after restart: netns = %q; want the owner's new %q", got.netns, want)
-	}
+	wantNetns(t, got.netns, pidOf(t, owner))
 	got = sink.waitApplied(t, member, map[uint16]string{7000: c, 7001: b})
-	if want := netnsPath(pidOf(t, member)); got.netns != want {
-		t.Errorf("member: netns = %q; want its own %q", got.netns, want)
-	}
+	wantNetns(t, got.netns, pidOf(t, member))
 
 	docker(t, "rm", "-f", member)
 	sink.waitRemoved(t, member)
@@ -198,9 +207,7 @@ func TestRealNetworkNone(t *testing.T) {
 	w, sink, _ := realWatcher(t, Config{})
 	id := run(t, append([]string{"--network", "none", "--label", "connect.6000=" + sink.svc("svc")}, img...)...)
 	got := sink.waitApplied(t, id, map[uint16]string{6000: sink.svc("svc")})
-	if want := netnsPath(pidOf(t, id)); got.netns != want {
-		t.Errorf("netns = %q; want %q", got.netns, want)
-	}
+	wantNetns(t, got.netns, pidOf(t, id))
 	if !slices.ContainsFunc(w.Namespaces(), func(n Namespace) bool { return n.Key == id }) {
 		t.Errorf("Namespaces() lacks %s", short(id))
 	}

@@ -20,9 +20,13 @@
 //
 //	nat, err := iptables.New(iptables.Config{Backend: "auto", Logger: logger})
 //	...
-//	err = nat.Apply("/proc/1234/ns/net", []uint16{6000, 8500}, proxyPort)
+//	h, err := netns.Open("/proc/1234/ns/net") // once, when the container is seen
+//	err = nat.Apply(h.Name(), []uint16{6000, 8500}, proxyPort)
 //	...
-//	err = nat.Clear("/proc/1234/ns/net")
+//	err = nat.Clear(h.Name())
+//
+// Every method takes the namespace as a path or, in the daemon, as the Name
+// of a netns.Handle, which it enters through the Handle's descriptor.
 package iptables
 
 import (
@@ -30,9 +34,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -210,11 +212,13 @@ func (n *NAT) Apply(netnsPath string, ports []uint16, toPort uint16) error {
 // namespace at netnsPath, both families. Nothing to remove is success.
 //
 // A namespace that no longer exists (its container is gone) took its rules
-// with it, so that is success too.
+// with it, so that is success too; for a netns.Handle's name that means a
+// released Handle, which is never entered: whatever its container's old
+// /proc path names now is not touched.
 func (n *NAT) Clear(netnsPath string) error {
 	n.takeRead(netnsPath) // about to be outdated
 	if err := n.clear(netnsPath, n.v4); err != nil {
-		if _, statErr := os.Stat(netnsPath); errors.Is(statErr, fs.ErrNotExist) {
+		if netns.Gone(netnsPath) {
 			n.log.Debug("namespace gone, nothing to clear", "netns", netnsPath)
 			return nil
 		}

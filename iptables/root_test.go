@@ -509,3 +509,37 @@ func TestConcurrentApplyToManyNamespaces(t *testing.T) {
 		}
 	})
 }
+
+// By a Handle's name the rules go into the Handle's namespace, and after the
+// Handle is released Clear is a no-op that enters nothing: the rules of a
+// namespace the name no longer names stay as they are.
+func TestHandleNameEntersHandleOnly(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, backend string) {
+		ns := newNetNS(t)
+		nat := newNAT(t, backend)
+		h, err := netns.Open(ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := nat.Apply(h.Name(), []uint16{6000}, 40000); err != nil {
+			t.Fatalf("Apply by handle: %v", err)
+		}
+		if p, err := nat.Port(ns); err != nil || p != 40000 {
+			t.Errorf("Port by path after Apply by handle = %d, %v; want 40000", p, err)
+		}
+		name := h.Name()
+		h.Release()
+		if err := nat.Clear(name); err != nil {
+			t.Errorf("Clear by a released handle's name: %v; want a no-op", err)
+		}
+		if p, err := nat.Port(ns); err != nil || p != 40000 {
+			t.Errorf("Clear by a released handle touched the namespace: port %d, %v", p, err)
+		}
+		if err := nat.Apply(name, []uint16{7000}, 40001); !errors.Is(err, netns.ErrClosed) {
+			t.Errorf("Apply by a released handle's name = %v; want ErrClosed", err)
+		}
+		if err := nat.Clear(ns); err != nil {
+			t.Fatal(err)
+		}
+	})
+}

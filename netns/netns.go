@@ -8,24 +8,33 @@
 // inherits it, so one socket call or one exec is all a closure should hold.
 // Never start goroutines inside: they may run on other threads.
 //
+// A namespace the daemon sets up is entered through a Handle (handle.go): a
+// descriptor opened once, when its container is seen, and used for every
+// later operation, never the /proc/<pid> path again, which a reused PID
+// would point elsewhere. A Handle's Name stands wherever a path is taken;
+// a released Handle's name is never entered (ErrClosed), and no Handle
+// enters the host's namespace or the daemon's own, checked on the
+// descriptor right before setns.
+//
 // Typical usage:
 //
-//	err := netns.Do("/proc/1234/ns/net", func() error {
+//	h, err := netns.Open("/proc/1234/ns/net") // once; h.Release() after the last use
+//	err = netns.Do(h.Name(), func() error {
 //		ln, err = net.Listen("tcp", "127.0.0.1:0")
 //		return err
 //	})
 //
-//	v4, v6, err := netns.Listen("/proc/1234/ns/net", 0) // v6 is nil without ::1
+//	v4, v6, err := netns.Listen(h.Name(), 0) // v6 is nil without ::1
 package netns
 
 import (
 	"fmt"
-	"runtime"
 
 	"golang.org/x/sys/unix"
 )
 
-// Do runs fn on a thread that is inside the network namespace at path, then
+// Do runs fn on a thread that is inside the network namespace at path (or
+// named by a Handle's Name: then as Handle.Do), then
 // returns the thread to the namespace it came from. An empty path runs fn
 // where the caller already is. If the thread cannot be switched back it stays
 // locked, so the Go runtime destroys it when the goroutine ends rather than
@@ -35,6 +44,13 @@ func Do(path string, fn func() error) error {
 	if path == "" {
 		return fn()
 	}
+	if IsHandle(path) {
+		h := lookup(path)
+		if h == nil {
+			return fmt.Errorf("entering network namespace %s: %w", path, ErrClosed)
+		}
+		return h.Do(fn)
+	}
 	// Raw descriptors: os.Open would also try to register them with the
 	// poller, a wasted system call on a path that runs for every namespace.
 	target, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -42,36 +58,5 @@ func Do(path string, fn func() error) error {
 		return fmt.Errorf("opening network namespace %s: %w", path, err)
 	}
 	defer unix.Close(target)
-
-	runtime.LockOSThread()
-	// The thread's own namespace, not the process's: /proc/self names the
-	// thread group leader, which may be elsewhere.
-	origin, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("opening current network namespace: %w", err)
-	}
-	defer unix.Close(origin)
-
-	if err := unix.Setns(target, unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("entering network namespace %s: %w", path, err)
-	}
-	back := false
-	defer func() {
-		// Runs on a panic in fn too; on the normal path back is already set.
-		if !back {
-			if unix.Setns(origin, unix.CLONE_NEWNET) == nil {
-				runtime.UnlockOSThread()
-			}
-		}
-	}()
-	fnErr := fn()
-	back = true
-	if err := unix.Setns(origin, unix.CLONE_NEWNET); err != nil {
-		// Leave the thread locked: the runtime kills it with the goroutine.
-		return fmt.Errorf("returning from network namespace %s: %w", path, err)
-	}
-	runtime.UnlockOSThread()
-	return fnErr
+	return enter(target, path, fn)
 }

@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/connectable/connectable/netns"
 )
 
 // slot is everything the server keeps for one key: the lock that runs the
@@ -109,11 +109,42 @@ type space struct {
 	active     atomic.Int64  // connections accepted here and not yet finished
 	stop       chan struct{} // closed to end the accept loops' back-off sleeps
 	loops      sync.WaitGroup
+	// release drops the space's own reference to the netns.Handle that
+	// netns names (a no-op for a path): the namespace stays the same one
+	// until the space's rules are cleared, whoever handed it over. It runs
+	// once ends, what the space still has to do in the namespace, is
+	// done: close its listeners and, once it served (its rules went in),
+	// clear its rules. Teardown clears first, Close closes first.
+	release func()
+	ends    atomic.Int32
+	served  atomic.Bool
+}
+
+// ended marks one of sp's last operations in its namespace done.
+func (sp *space) ended() {
+	if sp.ends.Add(-1) == 0 {
+		sp.release()
+	}
 }
 
 // open opens the listeners of a new space, on the configured port, on the
 // port a previous run's rules point at, or on a port the kernel picks.
 func (s *Server) open(key, netns string) (*space, error) {
+	release, err := nsHold(netns)
+	if err != nil {
+		return nil, fmt.Errorf("namespace of %s: %w", key, err)
+	}
+	sp, err := s.openHeld(key, netns)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	sp.release = release
+	sp.ends.Store(1) // closeListeners
+	return sp, nil
+}
+
+func (s *Server) openHeld(key, netns string) (*space, error) {
 	port := s.Port
 	if port == 0 && s.Redirector != nil {
 		p, err := s.Redirector.Port(netns)
@@ -144,8 +175,11 @@ func (s *Server) open(key, netns string) (*space, error) {
 	return sp, nil
 }
 
-// serve starts the accept loops of sp's listeners.
+// serve starts the accept loops of sp's listeners. Only a space whose rules
+// are in is served: from now on its end includes clearRules.
 func (sp *space) serve(s *Server) {
+	sp.ends.Add(1)
+	sp.served.Store(true)
 	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
 		if ln != nil {
 			sp.loops.Add(1)
@@ -165,6 +199,9 @@ func (s *Server) teardown(sp *space) error {
 
 // clearRules removes the space's rules; see teardown.
 func (s *Server) clearRules(sp *space) error {
+	if sp.served.CompareAndSwap(true, false) {
+		defer sp.ended()
+	}
 	if s.Redirector == nil {
 		return nil
 	}
@@ -174,6 +211,8 @@ func (s *Server) clearRules(sp *space) error {
 	return nil
 }
 
+// closeListeners closes the space's listeners and waits for its accept
+// loops; called once.
 func (sp *space) closeListeners() {
 	close(sp.stop)
 	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
@@ -182,17 +221,16 @@ func (sp *space) closeListeners() {
 		}
 	}
 	sp.loops.Wait()
+	sp.ended()
 }
 
-// gone reports whether the namespace file has disappeared, which means the
-// namespace died with its container and took its rules along.
-func gone(netns string) bool {
-	if netns == "" {
-		return false
-	}
-	_, err := os.Stat(netns)
-	return errors.Is(err, fs.ErrNotExist)
-}
+// gone reports whether the namespace no longer exists as far as the server
+// can tell: its file disappeared, or the netns.Handle naming it was
+// released. Its rules went with it, or are no longer ours to touch.
+func gone(name string) bool { return netns.Gone(name) }
+
+// nsHold is netns.Hold: the package's parameters named netns shadow it.
+var nsHold = netns.Hold
 
 // acceptLoop accepts connections on one listener of sp until it is closed,
 // and hands each to a conn of its own.

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+
+	"github.com/connectable/connectable/netns"
 )
 
 // Stats is a snapshot of the server's counters, for metrics. Counters only
@@ -110,7 +112,7 @@ func (s *Server) Stats() Stats {
 // NamespaceStatus describes one applied namespace, for a status page.
 type NamespaceStatus struct {
 	Key   string
-	NetNS string
+	NetNS string // netns.Describe of what Apply was given
 	Port  uint16 // the proxy port P the rules redirect to
 	IPv6  bool   // whether [::1]:P listens too
 	// Active counts the connections being served in the namespace.
@@ -138,7 +140,7 @@ func (s *Server) Namespaces() []NamespaceStatus {
 	for _, sp := range s.spaces() {
 		ns := NamespaceStatus{
 			Key:    sp.key,
-			NetNS:  sp.netns,
+			NetNS:  netns.Describe(sp.netns),
 			Port:   sp.port,
 			IPv6:   sp.v6 != nil,
 			Active: sp.active.Load(),

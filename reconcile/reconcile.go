@@ -32,14 +32,29 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/connectable/connectable/netns"
 )
 
 // Namespace is the desired state of one network namespace.
 type Namespace struct {
-	Key        string            // ID of the container owning the namespace
-	Path       string            // where to enter it, e.g. /proc/<pid>/ns/net
+	Key  string // ID of the container owning the namespace
+	Path string // where it was opened, e.g. /proc/<pid>/ns/net; entered only if NetNS is nil
+	// NetNS is the namespace, opened once when its container was seen: the
+	// paths get its Name and never Path, which a reused PID would point
+	// at another namespace. The Reconciler holds its own references (see
+	// Desire). The watcher always sets it; nil (tests) means Path.
+	NetNS      *netns.Handle
 	Containers []Container       // running containers in it, owner first
 	Routes     map[uint16]string // port → service; never empty, never modified once handed over
+}
+
+// target is what the paths are given to enter ns by.
+func (ns *Namespace) target() string {
+	if ns.NetNS != nil {
+		return ns.NetNS.Name()
+	}
+	return ns.Path
 }
 
 // Container names one container of a Namespace.
@@ -51,8 +66,11 @@ type Container struct {
 // Path is one data path: a mechanism that makes a namespace's labelled
 // ports reach their services.
 type Path interface {
-	// Apply makes the namespace at netns, known by key, route each port to
-	// its service. It must be idempotent: it is called again with the same
+	// Apply makes the namespace netns (a path or a netns.Handle's name),
+	// known by key, route each port to its service. A Path that keeps
+	// using the namespace after Apply returns takes its own reference
+	// (netns.Hold): the Reconciler's ends with the key's next successful
+	// Apply or Remove. It must be idempotent: it is called again with the same
 	// state after it failed, and after a restart finds its own leftovers.
 	Apply(ctx context.Context, key, netns string, routes map[uint16]string) error
 	// Remove forgets the namespace key; its namespace may be gone already.
@@ -102,6 +120,11 @@ type keyState struct {
 	running bool          // a worker owns this key
 	wake    chan struct{} // pokes a worker waiting out its back-off
 	setup   time.Duration // duration of the last successful Apply
+	// held are the handles handed to the paths and not yet superseded by
+	// a successful attempt: one reference each, so that a path's teardown
+	// of the namespace it was given (on a failure, or on the next Apply)
+	// enters that namespace, not whatever its old path names now.
+	held map[*netns.Handle]bool
 }
 
 // New returns a Reconciler for cfg with nothing desired yet.
@@ -123,15 +146,26 @@ func New(cfg Config) *Reconciler {
 
 // Desire replaces the whole desired state: every namespace in ns is to be
 // set up as it says, every other one known so far is to be removed. ns must
-// have distinct keys and is not modified; Desire keeps it.
+// have distinct keys and is not modified; Desire keeps it. Desire takes a
+// reference to each namespace's NetNS before it returns, so the caller may
+// release its own at once; a namespace whose NetNS is released already is
+// left out.
 func (r *Reconciler) Desire(ns []Namespace) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
 		return
 	}
-	sorted := slices.Clone(ns)
+	sorted := make([]Namespace, 0, len(ns))
+	for _, n := range ns {
+		if n.NetNS != nil && !n.NetNS.Acquire() {
+			r.log.Warn("namespace handle closed before its set-up, skipping it", "key", short(n.Key), "netns", n.Path)
+			continue
+		}
+		sorted = append(sorted, n)
+	}
 	slices.SortFunc(sorted, func(a, b Namespace) int { return strings.Compare(a.Key, b.Key) })
+	releaseAll(r.desired)
 	r.desired = sorted
 	seen := make(map[string]bool, len(sorted))
 	for i := range sorted {
@@ -149,7 +183,44 @@ func same(a, b *Namespace) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
-	return a.Path == b.Path && maps.Equal(a.Routes, b.Routes)
+	return a.NetNS == b.NetNS && a.Path == b.Path && maps.Equal(a.Routes, b.Routes)
+}
+
+// releaseAll drops the references Desire took for ns.
+func releaseAll(ns []Namespace) {
+	for _, n := range ns {
+		if n.NetNS != nil {
+			n.NetNS.Release()
+		}
+	}
+}
+
+// hold takes the key's own reference to the handle about to be handed to
+// the paths; r.mu is held, and want is in r.desired, whose reference keeps
+// the handle open meanwhile.
+func (ks *keyState) hold(want *Namespace) {
+	if want == nil || want.NetNS == nil || ks.held[want.NetNS] {
+		return
+	}
+	if !want.NetNS.Acquire() {
+		// Only a caller releasing a reference it did not take gets here;
+		// the attempt then fails with netns.ErrClosed, and says so.
+		return
+	}
+	if ks.held == nil {
+		ks.held = make(map[*netns.Handle]bool)
+	}
+	ks.held[want.NetNS] = true
+}
+
+// releaseHeld drops the key's references to every handle but keep.
+func (ks *keyState) releaseHeld(keep *netns.Handle) {
+	for h := range ks.held {
+		if h != keep {
+			h.Release()
+			delete(ks.held, h)
+		}
+	}
 }
 
 // wantLocked records ns as key's desired state and makes sure a worker
@@ -202,6 +273,7 @@ func (r *Reconciler) deliver(key string, ks *keyState) {
 		}
 		want := ks.want
 		ks.pending, ks.sent = false, want
+		ks.hold(want)
 		r.mu.Unlock()
 
 		start := time.Now()
@@ -216,8 +288,10 @@ func (r *Reconciler) deliver(key string, ks *keyState) {
 		if err == nil {
 			if want == nil {
 				ks.sent = nil
+				ks.releaseHeld(nil)
 			} else {
 				ks.setup = took
+				ks.releaseHeld(want.NetNS)
 			}
 			backoff = 0
 			r.mu.Unlock()
@@ -250,7 +324,7 @@ func (r *Reconciler) attempt(key string, want *Namespace) error {
 		return errors.Join(errs...)
 	}
 	for _, p := range r.cfg.Paths {
-		if err := p.Apply(r.ctx, key, want.Path, want.Routes); err != nil {
+		if err := p.Apply(r.ctx, key, want.target(), want.Routes); err != nil {
 			return err
 		}
 	}
@@ -322,13 +396,25 @@ func (r *Reconciler) SetupTimes() Histogram { return r.setups.snapshot() }
 
 // Close cancels the set-ups in flight, waits for every worker and makes
 // later calls to Desire do nothing. It leaves applied state in place:
-// tearing down is each path's own Close.
+// tearing down is each path's own Close, which holds its own references to
+// the namespaces it set up; Close releases the Reconciler's.
 func (r *Reconciler) Close() {
 	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return
+	}
 	r.closed = true
 	r.mu.Unlock()
 	r.cancel()
 	r.workers.Wait()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, ks := range r.keys {
+		ks.releaseHeld(nil)
+	}
+	releaseAll(r.desired)
+	r.desired = nil
 }
 
 // Histogram is a cumulative distribution of durations, in seconds.
