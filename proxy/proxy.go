@@ -26,7 +26,12 @@
 //     that ends a failed or cut relay.
 //   - small.go: the small-message copy mode and its buffer pool, measured
 //     by BenchmarkRequestResponse in small_test.go.
-//   - health.go, stats.go: passive endpoint health; counters and status.
+//   - health.go, stats.go: passive endpoint health, one table per service;
+//     counters and status.
+//   - policy.go: the target policy, which addresses a dial may reach
+//     (loopback, link-local and the like are refused unless allowed).
+//   - limits.go: what one namespace may take: its connection cap (and the
+//     server's), its dial slots, its rate-limited connection logs.
 //
 // Typical usage:
 //
