@@ -7,10 +7,13 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
+	"path"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/connectable/connectable/proxy"
 	"github.com/connectable/connectable/resolver"
 )
 
@@ -34,6 +37,13 @@ type config struct {
 	logLevel       slog.Level
 	logFormat      string
 	admin          string
+	// Tenant isolation (README "Security model").
+	allowTargets  []netip.Prefix
+	denyTargets   []netip.Prefix
+	labelAllow    []string
+	maxConnsPerNS int // 0: derived from the file limit
+	maxConns      int // 0: derived from the file limit
+	maxDialsPerNS int
 }
 
 // option is one flag with the environment variable that sets its default.
@@ -103,6 +113,25 @@ var options = []option{
 			c.admin = v
 			return nil
 		}},
+	{"allow-targets", "CONNECTABLE_ALLOW_TARGETS", "", "endpoint ranges to allow although denied by default, CIDR[,CIDR...] (loopback, link-local, unspecified, multicast and broadcast are denied; the most specific prefix wins, deny on a tie)",
+		func(c *config, v string) (err error) { c.allowTargets, err = proxy.ParsePrefixes(v); return err }},
+	{"deny-targets", "CONNECTABLE_DENY_TARGETS", "", "further endpoint ranges to deny, CIDR[,CIDR...] (e.g. the bridge subnets where --icc=false matters)",
+		func(c *config, v string) (err error) { c.denyTargets, err = proxy.ParsePrefixes(v); return err }},
+	{"label-allow", "CONNECTABLE_LABEL_ALLOW", "", "label values allowed, PATTERN[,PATTERN...], case-insensitive, * matching any characters (e.g. *.service.consul); a label outside them is skipped; empty: any",
+		func(c *config, v string) (err error) { c.labelAllow, err = parseLabelAllow(v); return err }},
+	{"max-conns-per-namespace", "CONNECTABLE_MAX_CONNS_PER_NAMESPACE", "0", "connections one namespace may have dialled or relayed at once; more are reset; 0: an eighth of what the file limit allows (two descriptors a connection)",
+		count(func(c *config) *int { return &c.maxConnsPerNS })},
+	{"max-conns", "CONNECTABLE_MAX_CONNS", "0", "connections all namespaces together may have at once; 0: what the file limit allows after a reserve for DNS, Docker, admin and listeners",
+		count(func(c *config) *int { return &c.maxConns })},
+	{"max-dials-per-namespace", "CONNECTABLE_MAX_DIALS_PER_NAMESPACE", "128", "connection attempts to endpoints one namespace may have in flight at once; further connections wait their turn within --dial-timeout",
+		func(c *config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				return errors.New("must be a positive number")
+			}
+			c.maxDialsPerNS = n
+			return nil
+		}},
 	{"log-level", "CONNECTABLE_LOG_LEVEL", "info", "log level: debug, info, warn or error (debug logs every connection)",
 		func(c *config, v string) error { return c.logLevel.UnmarshalText([]byte(v)) }},
 	{"log-format", "CONNECTABLE_LOG_FORMAT", "text", "log format: text or json",
@@ -128,6 +157,50 @@ func duration(field func(*config) *time.Duration) func(*config, string) error {
 		*field(c) = d
 		return nil
 	}
+}
+
+// count returns a setter for a number that is 0 (derived) or positive.
+func count(field func(*config) *int) func(*config, string) error {
+	return func(c *config, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return errors.New("must be 0 (derived from the file limit) or a positive number")
+		}
+		*field(c) = n
+		return nil
+	}
+}
+
+// parseLabelAllow parses --label-allow: patterns as path.Match takes them,
+// compared with lower-cased label values.
+func parseLabelAllow(v string) ([]string, error) {
+	var out []string
+	for p := range strings.SplitSeq(v, ",") {
+		p = strings.ToLower(strings.TrimSpace(p))
+		if p == "" {
+			continue
+		}
+		if _, err := path.Match(p, ""); err != nil {
+			return nil, fmt.Errorf("%q is not a pattern: %w", p, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// labelAllowed checks a label value against --label-allow; nil patterns
+// allow everything.
+func labelAllowed(patterns []string, value string) error {
+	if len(patterns) == 0 {
+		return nil
+	}
+	v := strings.ToLower(value)
+	for _, p := range patterns {
+		if ok, _ := path.Match(p, v); ok {
+			return nil
+		}
+	}
+	return fmt.Errorf("%q is outside --label-allow %s", value, strings.Join(patterns, ","))
 }
 
 // optionValue adapts an option to flag.Value.

@@ -80,6 +80,11 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"bad log level", []string{"--log-level", "loud"}, nil, "log-level"},
 		{"bad log format", nil, []string{"CONNECTABLE_LOG_FORMAT", "xml"}, "CONNECTABLE_LOG_FORMAT"},
 		{"unknown flag", []string{"--nope"}, nil, "nope"},
+		{"bad allow-targets", []string{"--allow-targets", "127.0.0.0/8,10.0.0.0/33"}, nil, `-allow-targets: "10.0.0.0/33"`},
+		{"bad CONNECTABLE_DENY_TARGETS", nil, []string{"CONNECTABLE_DENY_TARGETS", "bridge"}, `CONNECTABLE_DENY_TARGETS: "bridge"`},
+		{"bad label-allow", []string{"--label-allow", "[a"}, nil, `-label-allow: "[a"`},
+		{"negative max-conns", []string{"--max-conns", "-1"}, nil, "max-conns"},
+		{"zero max-dials", []string{"--max-dials-per-namespace", "0"}, nil, "max-dials-per-namespace"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stderr bytes.Buffer
@@ -91,6 +96,38 @@ func TestParseConfigInvalid(t *testing.T) {
 				t.Errorf("error %q does not name %q", msg, tc.want)
 			}
 		})
+	}
+}
+
+func TestTenantOptions(t *testing.T) {
+	c, _, err := parseConfig("connectable",
+		[]string{"--allow-targets", "127.0.0.0/8", "--label-allow", "*.service.consul, db:5432"},
+		env("CONNECTABLE_DENY_TARGETS", "172.17.0.0/16,fd00::/8", "CONNECTABLE_MAX_CONNS_PER_NAMESPACE", "100"),
+		&bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.allowTargets) != 1 || len(c.denyTargets) != 2 || c.maxConnsPerNS != 100 || c.maxDialsPerNS != 128 {
+		t.Errorf("allow %v, deny %v, per namespace %d, dials %d", c.allowTargets, c.denyTargets, c.maxConnsPerNS, c.maxDialsPerNS)
+	}
+	for value, ok := range map[string]bool{
+		"redis.service.consul": true, "Redis.Service.Consul": true, "db:5432": true,
+		"127.0.0.1:8500": false, "redis.service.consul.evil": false, "a.b.service.consul": true,
+	} {
+		if err := validateLabel(c, value); (err == nil) != ok {
+			t.Errorf("validateLabel(%q) = %v; want allowed %v", value, err, ok)
+		}
+	}
+	c, _, _ = parseConfig("connectable", nil, env(), &bytes.Buffer{})
+	if err := validateLabel(c, "127.0.0.1:8500"); err != nil {
+		t.Errorf("without --label-allow: %v", err)
+	}
+	if perNS, global := connCaps(c, 20000); perNS != 1250 || global != 9000 {
+		t.Errorf("caps at a file limit of 20000: %d per namespace, %d in all; want 1250 and 9000", perNS, global)
+	}
+	c.maxConnsPerNS, c.maxConns = 50000, 100
+	if perNS, global := connCaps(c, 20000); perNS != 100 || global != 100 {
+		t.Errorf("caps from flags: %d, %d; want the namespace's within the global 100", perNS, global)
 	}
 }
 

@@ -43,21 +43,28 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("connecting to Docker: %w", err)
 	}
+	nofile := raiseFileLimit(log)
+	perNS, maxConns := connCaps(c, nofile)
 	srv := &proxy.Server{
-		Resolver:         res,
-		Redirector:       nat,
-		Port:             c.port,
-		ConnectTimeout:   c.connectTimeout,
-		DialTimeout:      c.dialTimeout,
-		DrainTimeout:     c.drainTimeout,
-		HalfCloseTimeout: c.halfClose,
-		Logger:           log,
+		Resolver:             res,
+		AllowTargets:         c.allowTargets,
+		DenyTargets:          c.denyTargets,
+		MaxConnsPerNamespace: perNS,
+		MaxConns:             maxConns,
+		MaxDialsPerNamespace: c.maxDialsPerNS,
+		Redirector:           nat,
+		Port:                 c.port,
+		ConnectTimeout:       c.connectTimeout,
+		DialTimeout:          c.dialTimeout,
+		DrainTimeout:         c.drainTimeout,
+		HalfCloseTimeout:     c.halfClose,
+		Logger:               log,
 	}
 	rec := reconcile.New(reconcile.Config{Paths: []reconcile.Path{srv}, Logger: log})
 	w := docker.NewWatcher(docker.Config{
 		Client:         client,
 		Sink:           rec,
-		Validate:       resolver.Validate,
+		Validate:       func(v string) error { return validateLabel(c, v) },
 		ResyncInterval: c.resync,
 		SelfID:         docker.SelfContainerID(),
 		Logger:         log,
@@ -68,7 +75,8 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		portMode = fmt.Sprint(c.port)
 	}
 	log.Info("connectable starting", "version", version, "docker", client.Endpoint(),
-		"dns", res.Servers(), "iptables", nat.Backend(), "port", portMode, "admin", c.admin, "procs", procs)
+		"dns", res.Servers(), "iptables", nat.Backend(), "port", portMode, "admin", c.admin, "procs", procs,
+		"file_limit", nofile, "max_conns", maxConns, "max_conns_per_namespace", perNS)
 
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)
@@ -97,6 +105,15 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		return runErr
 	}
 	return closeErr
+}
+
+// validateLabel checks a label value against --label-allow, then as the
+// resolver would parse it.
+func validateLabel(c *config, v string) error {
+	if err := labelAllowed(c.labelAllow, v); err != nil {
+		return err
+	}
+	return resolver.Validate(v)
 }
 
 func newResolver(c *config, log *slog.Logger) (*resolver.Resolver, error) {

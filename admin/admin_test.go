@@ -27,9 +27,10 @@ type fakeProxy struct{}
 
 func (fakeProxy) Stats() proxy.Stats {
 	return proxy.Stats{
-		Services:     map[string]proxy.ServiceStats{"web": {Accepted: 7, Active: 1, Failed: 2, BytesUp: 10, BytesDown: 20}},
-		DialFailures: map[netip.AddrPort]uint64{netip.MustParseAddrPort("10.0.0.9:80"): 3},
-		Failovers:    1,
+		Services:         map[string]proxy.ServiceStats{"web": {Accepted: 7, Active: 1, Failed: 2, Refused: 4, BytesUp: 10, BytesDown: 20}},
+		DialFailures:     map[netip.AddrPort]uint64{netip.MustParseAddrPort("10.0.0.9:80"): 3},
+		Failovers:        1,
+		LimitedNamespace: 5,
 	}
 }
 
@@ -39,6 +40,7 @@ func (fakeProxy) Namespaces() []proxy.NamespaceStatus {
 		Routes: []proxy.RouteStatus{{Port: 6000, Service: "web", Endpoints: []proxy.EndpointStatus{
 			{Addr: netip.MustParseAddrPort("10.0.0.8:80"), Healthy: true},
 			{Addr: netip.MustParseAddrPort("10.0.0.9:80"), Failures: 3},
+			{Addr: netip.MustParseAddrPort("127.0.0.1:8500"), Refused: true, LastError: "refused by the target policy"},
 		}}},
 	}}
 }
@@ -98,7 +100,8 @@ func TestStatusJoinsReconcilerAndProxy(t *testing.T) {
 	}
 	served, broken := st.Namespaces[0], st.Namespaces[1]
 	if served.ProxyPort != 40000 || len(served.Containers) != 1 || served.Containers[0].Name != "app" ||
-		len(served.Routes) != 1 || len(served.Routes[0].Endpoints) != 2 || served.Routes[0].Endpoints[1].Healthy {
+		len(served.Routes) != 1 || len(served.Routes[0].Endpoints) != 3 || served.Routes[0].Endpoints[1].Healthy ||
+		!served.Routes[0].Endpoints[2].Refused {
 		t.Errorf("served namespace = %+v", served)
 	}
 	if broken.Error == "" || broken.ProxyPort != 0 || len(broken.Routes) != 1 || broken.Routes[0].Service != "db" {
@@ -113,7 +116,7 @@ func TestWriteTable(t *testing.T) {
 	}
 	out := b.String()
 	for _, want := range []string{"UNHEALTHY", "app (abc123abc123)", "6000", "web", "40000 v4",
-		"10.0.0.9:80 (backing off, 3 failures)", "broken (def456def456)", "ERROR: listening in namespace"} {
+		"10.0.0.9:80 (backing off, 3 failures)", "127.0.0.1:8500 (refused by the target policy)", "broken (def456def456)", "ERROR: listening in namespace"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
@@ -136,6 +139,9 @@ func TestMetrics(t *testing.T) {
 		`connectable_connections_failed_total{service="web"} 2`,
 		`connectable_bytes_total{direction="down",service="web"} 20`,
 		`connectable_dial_failures_total{endpoint="10.0.0.9:80"} 3`,
+		`connectable_targets_refused_total{service="web"} 4`,
+		`connectable_connections_limited_total{scope="namespace"} 5`,
+		`connectable_connections_limited_total{scope="global"} 0`,
 		`connectable_ports 1`,
 		`connectable_dns_lookups_total{result="hit"} 5`,
 		`connectable_docker_reconnects_total 1`,

@@ -22,6 +22,8 @@ var (
 	rejected       = desc("connections_rejected_total", "Connections closed without a dial: straight to the proxy port, or to a port without a route.")
 	bytesTotal     = desc("bytes_total", "Bytes relayed by finished connections; direction up is client to backend.", "service", "direction")
 	dialFailures   = desc("dial_failures_total", "Failed connection attempts per endpoint (endpoints forgotten after a quiet while drop out).", "endpoint")
+	refusedTargets = desc("targets_refused_total", "Endpoints the target policy refused to dial (loopback, link-local, --deny-targets...), once per connection that met one.", "service")
+	limited        = desc("connections_limited_total", "Connections reset at accept because their namespace (scope namespace) or the whole daemon (scope global) was at its connection cap.", "scope")
 	failovers      = desc("failovers_total", "Connections relayed to an endpoint after another one failed to connect.")
 	namespaces     = desc("namespaces", "Network namespaces with a listener and rules.")
 	ports          = desc("ports", "Labelled ports served, over all namespaces.")
@@ -39,7 +41,7 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{buildInfo, accepted, active, failed, rejected, bytesTotal, dialFailures,
+	for _, d := range []*prometheus.Desc{buildInfo, accepted, active, failed, rejected, bytesTotal, dialFailures, refusedTargets, limited,
 		failovers, namespaces, ports, dnsLookups, dnsStale, dnsQueries, dnsErrors, dnsTruncated, dnsSeconds,
 		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO, setupSeconds} {
 		ch <- d
@@ -60,6 +62,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			counter(accepted, float64(s.Accepted), svc)
 			gauge(active, float64(s.Active), svc)
 			counter(failed, float64(s.Failed), svc)
+			counter(refusedTargets, float64(s.Refused), svc)
 			counter(bytesTotal, float64(s.BytesUp), svc, "up")
 			counter(bytesTotal, float64(s.BytesDown), svc, "down")
 		}
@@ -68,6 +71,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		counter(failovers, float64(st.Failovers))
 		counter(rejected, float64(st.Rejected))
+		counter(limited, float64(st.LimitedNamespace), "namespace")
+		counter(limited, float64(st.LimitedGlobal), "global")
 		nss := p.Namespaces()
 		gauge(namespaces, float64(len(nss)))
 		n := 0

@@ -46,8 +46,11 @@ type Route struct {
 
 // Endpoint is one backend address with its passive-health state.
 type Endpoint struct {
-	Addr      string    `json:"addr"`
-	Healthy   bool      `json:"healthy"`
+	Addr    string `json:"addr"`
+	Healthy bool   `json:"healthy"`
+	// Refused is true when the target policy forbids dialling the
+	// endpoint; LastError names the rule.
+	Refused   bool      `json:"refused,omitempty"`
 	Failures  int       `json:"failures,omitempty"`
 	RetryAt   time.Time `json:"retry_at,omitzero"`
 	LastError string    `json:"last_error,omitempty"`
@@ -89,7 +92,7 @@ func (a *Admin) Status() Status {
 				route := Route{Port: r.Port, Service: r.Service}
 				for _, e := range r.Endpoints {
 					route.Endpoints = append(route.Endpoints, Endpoint{
-						Addr: e.Addr.String(), Healthy: e.Healthy, Failures: e.Failures,
+						Addr: e.Addr.String(), Healthy: e.Healthy, Refused: e.Refused, Failures: e.Failures,
 						RetryAt: e.RetryAt, LastError: e.LastError,
 					})
 				}
@@ -139,7 +142,9 @@ func WriteTable(w io.Writer, st Status) error {
 			var eps []string
 			for _, e := range r.Endpoints {
 				s := e.Addr
-				if !e.Healthy {
+				if e.Refused {
+					s += " (refused by the target policy)"
+				} else if !e.Healthy {
 					s += fmt.Sprintf(" (backing off, %d failures)", e.Failures)
 				}
 				eps = append(eps, s)

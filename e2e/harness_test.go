@@ -143,7 +143,10 @@ type daemon struct {
 func startDaemon(t *testing.T, dnsAddr string, extra ...string) *daemon {
 	t.Helper()
 	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	args := append([]string{"--dns", dnsAddr, "--log-level", "debug", "--resync", "2s", "--admin", admin}, extra...)
+	// The backends are on loopback, which the target policy denies by
+	// default; a test that checks the policy passes its own flags after.
+	args := append([]string{"--dns", dnsAddr, "--log-level", "debug", "--resync", "2s", "--admin", admin,
+		"--allow-targets", "127.0.0.0/8"}, extra...)
 	d := &daemon{t: t, cmd: exec.Command(binary, args...), logs: &testenv.SyncBuffer{}, done: make(chan struct{}), admin: admin}
 	d.cmd.Stdout, d.cmd.Stderr = d.logs, d.logs
 	if err := d.cmd.Start(); err != nil {

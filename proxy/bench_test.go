@@ -214,7 +214,7 @@ func idleCost(b *testing.B, n int, proxied, both bool) (total, stack float64) {
 	if proxied {
 		res := newResolver(false)
 		res.set("svc", addr)
-		s = &Server{Resolver: res, Listen: loopListen, OrigDst: loopOrigDst, Logger: testLogger(b, slog.LevelWarn)}
+		s = &Server{Resolver: res, AllowTargets: loopbackTargets, Listen: loopListen, OrigDst: loopOrigDst, Logger: testLogger(b, slog.LevelWarn)}
 		if err := s.Apply(context.Background(), "bench", "", map[uint16]string{6000: "svc"}); err != nil {
 			b.Fatal(err)
 		}

@@ -45,12 +45,18 @@ type conn struct {
 // startConn takes a just accepted client into a conn of its own and starts
 // its dial phase.
 func (s *Server) startConn(sp *space, client *net.TCPConn) {
-	c := &conn{srv: s, sp: sp, client: client, start: time.Now()}
-	if !s.conns.add(c) {
+	// At the cap the connection is reset at once: it holds no descriptor
+	// and no goroutine, and the client sees the refusal instead of a hang.
+	if !s.admit(sp) {
 		abort(client)
 		return
 	}
-	sp.active.Add(1)
+	c := &conn{srv: s, sp: sp, client: client, start: time.Now()}
+	if !s.conns.add(c) {
+		s.unadmit(sp)
+		abort(client)
+		return
+	}
 	go c.serve()
 }
 
@@ -74,28 +80,28 @@ func (c *conn) dial() bool {
 	if err != nil {
 		s.stats.rejected.Add(1)
 		if errors.Is(err, origdst.ErrNotRedirected) {
-			s.log.Warn("direct connection to proxy port refused", "key", c.sp.key, "src", src)
+			s.logConn(c.sp, "direct", slog.LevelWarn, "direct connection to proxy port refused", "key", c.sp.key, "src", src)
 		} else {
-			s.log.Error("reading original destination", "key", c.sp.key, "src", src, "err", err)
+			s.logConn(c.sp, "origdst", slog.LevelError, "reading original destination", "key", c.sp.key, "src", src, "err", err)
 		}
 		return false
 	}
 	service, ok := (*c.sp.routes.Load())[dst.Port()]
 	if !ok {
 		s.stats.rejected.Add(1)
-		s.log.Warn("no route for port", "key", c.sp.key, "src", src, "port", dst.Port())
+		s.logConn(c.sp, "noroute", slog.LevelWarn, "no route for port", "key", c.sp.key, "src", src, "port", dst.Port())
 		return false
 	}
 
-	c.sc = s.stats.service(service)
+	c.sc = s.stats.service(service, s.health)
 	c.sc.accepted.Add(1)
 	c.sc.active.Add(1)
 	ctx, cancel := context.WithTimeout(s.baseCtx, s.dialTimeout())
-	backend, ep, err := s.dialService(ctx, service, c.sc)
+	backend, ep, err := s.dialService(ctx, c.sp, service, c.sc)
 	cancel()
 	if err != nil {
 		c.sc.failed.Add(1)
-		s.log.Warn("no endpoint reachable", "key", c.sp.key, "src", src, "service", service,
+		s.logConn(c.sp, "dial", slog.LevelWarn, "no endpoint reachable", "key", c.sp.key, "src", src, "service", service,
 			"duration", time.Since(c.start), "err", err)
 		return false
 	}
@@ -117,7 +123,7 @@ func (c *conn) finish() {
 	if c.backend != nil {
 		c.backend.Close()
 	}
-	c.sp.active.Add(-1)
+	c.srv.unadmit(c.sp)
 	if c.sc != nil {
 		c.sc.active.Add(-1)
 		c.sc.bytesUp.Add(uint64(c.up.n))

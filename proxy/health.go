@@ -18,13 +18,28 @@ const (
 	// failed for this long: it has recovered or left DNS. It is far longer
 	// than backoffMax, so forgetting never lifts a live penalty.
 	healthForget = 10 * time.Minute
-	// healthMaxEntries bounds the table whatever the churn of endpoints.
-	healthMaxEntries = 4096
+	// healthMaxEntries bounds one service's table whatever the churn of
+	// its endpoints. Tables are per service, so one tenant's service with
+	// thousands of dead endpoints cannot evict another service's back-off
+	// state; a service's table goes when no namespace routes to it.
+	healthMaxEntries = 1024
 )
 
-// health orders endpoints by what recent dials taught about them. Only
-// endpoints that have failed are in the table, so a healthy fleet costs
-// nothing.
+// healthConfig is what every service's health table starts from; tests
+// replace the clock and shorten the back-off.
+type healthConfig struct {
+	now      func() time.Time
+	min, max time.Duration
+}
+
+func (c *healthConfig) init() {
+	c.now = time.Now
+	c.min, c.max = backoffMin, backoffMax
+}
+
+// health orders one service's endpoints by what recent dials taught about
+// them. Only endpoints that have failed are in the table, so a healthy
+// fleet costs nothing.
 type health struct {
 	mu        sync.Mutex
 	now       func() time.Time // tests replace it
@@ -41,9 +56,9 @@ type endpointHealth struct {
 	dialFailures uint64
 }
 
-func (h *health) init() {
-	h.now = time.Now
-	h.min, h.max = backoffMin, backoffMax
+func (h *health) init(c healthConfig) {
+	h.now = c.now
+	h.min, h.max = c.min, c.max
 	h.eps = make(map[netip.AddrPort]*endpointHealth)
 }
 
@@ -157,8 +172,11 @@ func (h *health) prune(now time.Time) {
 type EndpointStatus struct {
 	Addr netip.AddrPort
 	// Healthy is false while the endpoint is in back-off, tried after the
-	// others until RetryAt.
+	// others until RetryAt, and when it is Refused.
 	Healthy bool
+	// Refused is true when the target policy forbids dialling the
+	// endpoint: connections skip it, and LastError says which rule.
+	Refused bool
 	// Failures counts failed dials in a row; 0 once one succeeded.
 	Failures int
 	RetryAt  time.Time
@@ -190,12 +208,12 @@ func (h *health) status(eps []netip.AddrPort) []EndpointStatus {
 	return out
 }
 
-func (h *health) dialFailures() map[netip.AddrPort]uint64 {
+// addDialFailures adds the table's failure counts to out: an endpoint
+// shared by several services counts the failures of all of them.
+func (h *health) addDialFailures(out map[netip.AddrPort]uint64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	out := make(map[netip.AddrPort]uint64, len(h.eps))
 	for ep, e := range h.eps {
-		out[ep] = e.dialFailures
+		out[ep] += e.dialFailures
 	}
-	return out
 }

@@ -14,9 +14,11 @@ import (
 
 func newHealth() (*health, *testenv.Clock) {
 	clock := testenv.NewClock()
+	var c healthConfig
+	c.init()
+	c.now = clock.Now
 	var h health
-	h.init()
-	h.now = clock.Now
+	h.init(c)
 	return &h, clock
 }
 

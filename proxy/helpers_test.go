@@ -172,12 +172,17 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// loopbackTargets lets test servers dial their backends on loopback, which
+// the default target policy refuses.
+var loopbackTargets = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
+
 // newServer returns a server on loopback with a shuffling resolver, closed
 // when the test ends.
 func newServer(t testing.TB, res *fakeResolver, mod func(*Server)) *Server {
 	t.Helper()
 	s := &Server{
 		Resolver:       res,
+		AllowTargets:   loopbackTargets,
 		Listen:         loopListen,
 		OrigDst:        loopOrigDst,
 		ConnectTimeout: 2 * time.Second,

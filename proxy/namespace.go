@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -107,6 +108,7 @@ type space struct {
 	v4, v6     *net.TCPListener
 	routes     atomic.Pointer[map[uint16]string]
 	active     atomic.Int64  // connections accepted here and not yet finished
+	guard      guard         // this namespace's dial slots and log limits (limits.go)
 	stop       chan struct{} // closed to end the accept loops' back-off sleeps
 	loops      sync.WaitGroup
 	// release drops the space's own reference to the netns.Handle that
@@ -246,7 +248,7 @@ func (s *Server) acceptLoop(sp *space, ln *net.TCPListener) {
 			// Out of descriptors or memory: back off like net/http's
 			// Server.Serve instead of spinning, and keep the listener.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			s.log.Error("accepting connection", "key", sp.key, "netns", sp.netns, "err", err, "retry", delay)
+			s.logConn(sp, "accept", slog.LevelError, "accepting connection", "key", sp.key, "netns", sp.netns, "err", err, "retry", delay)
 			select {
 			case <-sp.stop:
 				return

@@ -93,7 +93,7 @@ func TestNamespaceNeverWaitsForAnother(t *testing.T) {
 	res.set("a.service", be.Addr)
 	g := newGate(slow)
 	t.Cleanup(g.release) // before the server's Close, if the test fails early
-	s := &Server{Resolver: res, Redirector: gatedRedirector{execRedirector{t}, g}, Logger: testLogger(t, -4)}
+	s := &Server{Resolver: res, AllowTargets: loopbackTargets, Redirector: gatedRedirector{execRedirector{t}, g}, Logger: testLogger(t, -4)}
 	closed := make(chan error, 1)
 	closeOnce := sync.OnceFunc(func() { closed <- s.Close() })
 	t.Cleanup(func() {

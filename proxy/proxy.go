@@ -26,7 +26,12 @@
 //     that ends a failed or cut relay.
 //   - small.go: the small-message copy mode and its buffer pool, measured
 //     by BenchmarkRequestResponse in small_test.go.
-//   - health.go, stats.go: passive endpoint health; counters and status.
+//   - health.go, stats.go: passive endpoint health, one table per service;
+//     counters and status.
+//   - policy.go: the target policy, which addresses a dial may reach
+//     (loopback, link-local and the like are refused unless allowed).
+//   - limits.go: what one namespace may take: its connection cap (and the
+//     server's), its dial slots, its rate-limited connection logs.
 //
 // Typical usage:
 //
@@ -47,6 +52,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/connectable/connectable/netns"
@@ -86,6 +92,12 @@ const (
 	// DefaultHalfCloseTimeout is long enough for a slow answer to a request
 	// whose client half-closed after sending it.
 	DefaultHalfCloseTimeout = time.Minute
+	// DefaultMaxConnsPerNamespace suits a file limit of 65536; connectable
+	// derives its own from the limit it runs with.
+	DefaultMaxConnsPerNamespace = 4096
+	// DefaultMaxDialsPerNamespace lets a namespace open that many backend
+	// connections at once: thousands a second with LAN dial times.
+	DefaultMaxDialsPerNamespace = 128
 )
 
 // Server relays connections accepted in container namespaces to services.
@@ -130,13 +142,40 @@ type Server struct {
 	// without this bound a backend that never answers would hold the
 	// relay forever (HAProxy's "timeout client-fin" and "server-fin").
 	HalfCloseTimeout time.Duration
+	// AllowTargets optionally opens ranges of endpoint addresses that
+	// DefaultDenyTargets closes; tests with backends on loopback name
+	// 127.0.0.0/8 here.
+	AllowTargets []netip.Prefix
+	// DenyTargets optionally closes further ranges of endpoint addresses.
+	// Of AllowTargets, DenyTargets and DefaultDenyTargets, the most
+	// specific prefix that contains an address decides, deny on a tie.
+	// The check is made on the address dialled, whether a label or DNS
+	// named it; a refused endpoint is skipped as if absent and never counts
+	// against its health.
+	DenyTargets []netip.Prefix
+	// MaxConnsPerNamespace optionally caps the connections being dialled or
+	// relayed at once for one namespace; further ones are reset at accept.
+	// If 0, DefaultMaxConnsPerNamespace.
+	MaxConnsPerNamespace int
+	// MaxConns optionally caps the connections being dialled or relayed at
+	// once over all namespaces, so that the server stays below its file
+	// limit (two descriptors per relayed connection); if 0, no cap beyond
+	// the per-namespace one.
+	MaxConns int
+	// MaxDialsPerNamespace optionally caps the dial phases running at once
+	// for one namespace, so that connections to a blackholed backend hold
+	// at most that many sockets in SYN-SENT; the others wait (within
+	// DialTimeout) for a turn. If 0, DefaultMaxDialsPerNamespace.
+	MaxDialsPerNamespace int
 	// Logger optionally receives the server's logs; if nil, slog.Default().
 	Logger *slog.Logger
 
 	initOnce sync.Once
 	log      *slog.Logger
-	health   health
+	health   healthConfig // what each service's health table starts from
 	stats    counters
+	policy   *targetPolicy
+	active   atomic.Int64 // connections between accept and finish, all namespaces
 
 	// mu guards slots and closed, and is held only for operations on them:
 	// never across a listen, an iptables run or any other wait, so that
@@ -167,6 +206,7 @@ func (s *Server) init() {
 		s.conns.init()
 		s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 		s.health.init()
+		s.policy = newTargetPolicy(s.AllowTargets, s.DenyTargets)
 	})
 }
 

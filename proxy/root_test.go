@@ -76,7 +76,7 @@ func TestRedirectThroughNamespace(t *testing.T) {
 	res := newResolver(false)
 	res.set("a.service", a.Addr)
 	res.set("b.service", b.Addr)
-	s := &Server{Resolver: res, Redirector: execRedirector{t}, Logger: testLogger(t, -4)}
+	s := &Server{Resolver: res, AllowTargets: loopbackTargets, Redirector: execRedirector{t}, Logger: testLogger(t, -4)}
 	t.Cleanup(func() {
 		if err := s.Close(); err != nil {
 			t.Errorf("Close: %v", err)

@@ -16,7 +16,9 @@ import (
 // endpoints that have been forgotten (see EndpointStatus.DialFailures).
 type Stats struct {
 	// Services holds the counters of every service a connection was routed
-	// to since the server started.
+	// to, while some namespace routes to it (or a connection to it is still
+	// live): a service no label names any more drops out, and its series
+	// with it.
 	Services map[string]ServiceStats
 	// Namespaces holds the connections being served in each namespace that
 	// is applied now, by key.
@@ -29,6 +31,10 @@ type Stats struct {
 	// Rejected counts connections closed without a dial: direct connections
 	// to the proxy port, ports without a route, unreadable destinations.
 	Rejected uint64
+	// LimitedNamespace and LimitedGlobal count connections reset at accept
+	// because their namespace, or the whole server, was at its cap of
+	// concurrent connections.
+	LimitedNamespace, LimitedGlobal uint64
 	// BytesUp and BytesDown total the bytes of finished connections, from
 	// clients to backends and back.
 	BytesUp, BytesDown uint64
@@ -39,6 +45,9 @@ type ServiceStats struct {
 	Accepted uint64 // routed to the service
 	Active   int64  // being dialled or relayed now
 	Failed   uint64 // closed because no endpoint connected
+	// Refused counts endpoints the target policy refused to dial (each
+	// refusal once per connection that met it).
+	Refused uint64
 	// BytesUp and BytesDown count the bytes of finished connections.
 	BytesUp, BytesDown uint64
 }
@@ -50,19 +59,23 @@ type counters struct {
 	services  map[string]*serviceCounters
 	rejected  atomic.Uint64
 	failovers atomic.Uint64
+	limitedNS atomic.Uint64
+	limitedG  atomic.Uint64
 }
 
 type serviceCounters struct {
-	name               string
-	accepted, failed   atomic.Uint64
-	active             atomic.Int64
-	bytesUp, bytesDown atomic.Uint64
-	tried              atomic.Pointer[[]netip.AddrPort] // endpoints of the last dial phase, in order
+	name                      string
+	accepted, failed, refused atomic.Uint64
+	active                    atomic.Int64
+	bytesUp, bytesDown        atomic.Uint64
+	tried                     atomic.Pointer[[]netip.AddrPort] // endpoints of the last dial phase, in order
+	health                    health                           // this service's endpoints only
 }
 
 // service returns the counters of a service, creating them on first use.
-// Services come from container labels, so the map stays small.
-func (c *counters) service(name string) *serviceCounters {
+// Services come from container labels, and prune drops those no label
+// names any more, so the map stays small.
+func (c *counters) service(name string, hc healthConfig) *serviceCounters {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	sc := c.services[name]
@@ -71,9 +84,35 @@ func (c *counters) service(name string) *serviceCounters {
 			c.services = make(map[string]*serviceCounters)
 		}
 		sc = &serviceCounters{name: name}
+		sc.health.init(hc)
 		c.services[name] = sc
 	}
 	return sc
+}
+
+// prune forgets the services that no namespace routes to and no
+// connection uses. A connection that took its counters just before keeps
+// them and counts into them alone; the service starts from zero if it
+// comes back, which Prometheus reads as a counter reset.
+func (c *counters) prune(routed map[string]bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for name, sc := range c.services {
+		if !routed[name] && sc.active.Load() == 0 {
+			delete(c.services, name)
+		}
+	}
+}
+
+// routedServices is the set of services some applied namespace routes to.
+func (s *Server) routedServices() map[string]bool {
+	routed := make(map[string]bool)
+	for _, sp := range s.spaces() {
+		for _, svc := range *sp.routes.Load() {
+			routed[svc] = true
+		}
+	}
+	return routed
 }
 
 func (sc *serviceCounters) setTried(eps []netip.AddrPort) { sc.tried.Store(&eps) }
@@ -83,18 +122,23 @@ func (sc *serviceCounters) setTried(eps []netip.AddrPort) { sc.tried.Store(&eps)
 func (s *Server) Stats() Stats {
 	s.init()
 	st := Stats{
-		Services:     make(map[string]ServiceStats),
-		Namespaces:   make(map[string]int64),
-		DialFailures: s.health.dialFailures(),
-		Failovers:    s.stats.failovers.Load(),
-		Rejected:     s.stats.rejected.Load(),
+		Services:         make(map[string]ServiceStats),
+		Namespaces:       make(map[string]int64),
+		DialFailures:     make(map[netip.AddrPort]uint64),
+		Failovers:        s.stats.failovers.Load(),
+		Rejected:         s.stats.rejected.Load(),
+		LimitedNamespace: s.stats.limitedNS.Load(),
+		LimitedGlobal:    s.stats.limitedG.Load(),
 	}
+	s.stats.prune(s.routedServices())
 	s.stats.mu.Lock()
 	for name, sc := range s.stats.services {
+		sc.health.addDialFailures(st.DialFailures)
 		ss := ServiceStats{
 			Accepted:  sc.accepted.Load(),
 			Active:    sc.active.Load(),
 			Failed:    sc.failed.Load(),
+			Refused:   sc.refused.Load(),
 			BytesUp:   sc.bytesUp.Load(),
 			BytesDown: sc.bytesDown.Load(),
 		}
@@ -161,7 +205,13 @@ func (s *Server) Namespaces() []NamespaceStatus {
 				continue
 			}
 			if tried := sc.tried.Load(); tried != nil {
-				r.Endpoints = s.health.status(*tried)
+				r.Endpoints = sc.health.status(*tried)
+				for k := range r.Endpoints {
+					e := &r.Endpoints[k]
+					if err := s.policy.check(e.Addr.Addr()); err != nil {
+						e.Healthy, e.Refused, e.LastError = false, true, err.Error()
+					}
+				}
 			}
 		}
 	}
