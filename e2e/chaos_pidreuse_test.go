@@ -83,16 +83,7 @@ func TestChaosPIDReuse(t *testing.T) {
 		return nil
 	})
 	// Two more resyncs (every 2s): any set-up they led to is done by then.
-	eventually(t, 60*time.Second, "two resyncs after the removal", func() error {
-		page, err := scrape(d.admin)
-		if err != nil {
-			return err
-		}
-		if n := metric(page, "connectable_docker_resyncs_total"); n < resyncs+2 {
-			return fmt.Errorf("%v resyncs, want %v", n, resyncs+2)
-		}
-		return nil
-	})
+	waitResyncs(t, d, resyncs+2)
 	if after := snapshot(); after != before {
 		t.Errorf("the namespace that took the dead container's PID changed:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
@@ -206,16 +197,7 @@ func TestChaosPIDReuseSetUp(t *testing.T) {
 	})
 	page, _ := scrape(d.admin)
 	resyncs := metric(page, "connectable_docker_resyncs_total")
-	eventually(t, 60*time.Second, "two more resyncs", func() error {
-		page, err := scrape(d.admin)
-		if err != nil {
-			return err
-		}
-		if n := metric(page, "connectable_docker_resyncs_total"); n < resyncs+2 {
-			return fmt.Errorf("%v resyncs, want %v", n, resyncs+2)
-		}
-		return nil
-	})
+	waitResyncs(t, d, resyncs+2)
 	if after := snapshot(); after != before {
 		t.Errorf("the namespace that took the container's PID (%s) changed:\nbefore:\n%s\nafter:\n%s", ns, before, after)
 	}
@@ -351,4 +333,20 @@ func holdInspection(t *testing.T, marker string) *heldAPI {
 		srv.Close()
 	})
 	return h
+}
+
+// waitResyncs waits until the daemon has made n full resyncs in all: any
+// set-up they led to is done by then.
+func waitResyncs(t *testing.T, d *daemon, n float64) {
+	t.Helper()
+	eventually(t, 60*time.Second, fmt.Sprintf("%v resyncs", n), func() error {
+		page, err := scrape(d.admin)
+		if err != nil {
+			return err
+		}
+		if got := metric(page, "connectable_docker_resyncs_total"); got < n {
+			return fmt.Errorf("%v resyncs, want %v", got, n)
+		}
+		return nil
+	})
 }

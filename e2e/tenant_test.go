@@ -327,13 +327,7 @@ func TestChaosIdleFlood(t *testing.T) {
 	attacker := container(t, "-l", "connect.6000=hold.service.test")
 	victim := container(t, "-l", "connect.6000=echo.service.test")
 	ans, vns := netnsOf(t, attacker), netnsOf(t, victim)
-	eventually(t, 30*time.Second, "the victim served", func() error { return echoOnce(vns, 6000) })
-	eventually(t, 30*time.Second, "the attacker set up", func() error {
-		if n := findNamespace(status(t, d), attacker); n == nil || n.ProxyPort == 0 {
-			return fmt.Errorf("not yet")
-		}
-		return nil
-	})
+	waitAttackerAndVictim(t, d, attacker, vns)
 	base := baseline(t, d)
 	t.Logf("baseline: %v", base)
 
@@ -405,13 +399,7 @@ func TestChaosBlackholeFlood(t *testing.T) {
 	attacker := container(t, "-l", "connect.6000=hole.service.test")
 	victim := container(t, "-l", "connect.6000=echo.service.test")
 	ans, vns := netnsOf(t, attacker), netnsOf(t, victim)
-	eventually(t, 30*time.Second, "the victim served", func() error { return echoOnce(vns, 6000) })
-	eventually(t, 30*time.Second, "the attacker set up", func() error {
-		if n := findNamespace(status(t, d), attacker); n == nil || n.ProxyPort == 0 {
-			return fmt.Errorf("not yet")
-		}
-		return nil
-	})
+	waitAttackerAndVictim(t, d, attacker, vns)
 	base := baseline(t, d)
 
 	start := time.Now()
@@ -473,4 +461,17 @@ func TestLabelAllow(t *testing.T) {
 	if body, err := fetch(t, id, "http://localhost:6001/"); err == nil {
 		t.Errorf("localhost:6001 reached %q", body)
 	}
+}
+
+// waitAttackerAndVictim waits until the victim's labelled port 6000 echoes
+// and the attacker's namespace is set up.
+func waitAttackerAndVictim(t *testing.T, d *daemon, attacker, victimNS string) {
+	t.Helper()
+	eventually(t, 30*time.Second, "the victim served", func() error { return echoOnce(victimNS, 6000) })
+	eventually(t, 30*time.Second, "the attacker set up", func() error {
+		if n := findNamespace(status(t, d), attacker); n == nil || n.ProxyPort == 0 {
+			return fmt.Errorf("not yet")
+		}
+		return nil
+	})
 }
