@@ -171,7 +171,9 @@ func TestChaosCapabilities(t *testing.T) {
 	tag := daemonImage(t)
 	_, dns := webService(t)
 	common := []string{"--network=host", "-v", "/var/run/docker.sock:/var/run/docker.sock"}
-	daemonArgs := []string{tag, "--dns", dns, "--admin", fmt.Sprintf("127.0.0.1:%d", freePort(t))}
+	// The backend is on the host's loopback, which the target policy
+	// refuses unless told otherwise.
+	daemonArgs := []string{tag, "--dns", dns, "--admin", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "--allow-targets", "127.0.0.0/8"}
 
 	for _, tc := range []struct {
 		name  string
