@@ -1,0 +1,410 @@
+package sockpath
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
+)
+
+// The layout shared with bpf/sockpath.c.
+const (
+	maxEndpoints = 64
+	nslots       = 1024
+
+	eventFailed   = 1
+	eventSYNRetry = 2
+)
+
+// Kernel is connectable's programs and maps in the kernel: loaded or
+// adopted from the pins of a previous run, attached to a cgroup2 root.
+// Its methods are safe for concurrent use (each is one or a few bpf()
+// calls); what to write is the Path's business.
+type Kernel struct {
+	dir   string
+	objs  kernObjects
+	inner *ebpf.MapSpec // the tables' inner map
+	links []link.Link
+	// Adopted is true when the maps were a previous run's, with its entries.
+	Adopted bool
+}
+
+// programs lists the programs with the attach type and pin name of each.
+func (k *Kernel) programs() []struct {
+	prog   *ebpf.Program
+	attach ebpf.AttachType
+	name   string
+} {
+	return []struct {
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+		name   string
+	}{
+		{k.objs.SockConnect4, ebpf.AttachCGroupInet4Connect, "connect4"},
+		{k.objs.SockConnect6, ebpf.AttachCGroupInet6Connect, "connect6"},
+		{k.objs.SockGetpeername4, ebpf.AttachCgroupInet4GetPeername, "getpeername4"},
+		{k.objs.SockGetpeername6, ebpf.AttachCgroupInet6GetPeername, "getpeername6"},
+		{k.objs.SockOps, ebpf.AttachCGroupSockOps, "sockops"},
+	}
+}
+
+// bpffsMagic is BPF_FS_MAGIC: the file system a pin must live on.
+const bpffsMagic = 0xcafe4a11
+
+// Load loads the programs, adopting the maps and links pinned in dir by a
+// previous run (their entries keep serving while no daemon runs), and
+// attaches the programs to the cgroup2 hierarchy at cgroup, replacing the
+// previous run's programs in its links. dir is created; it must be on a
+// bpffs. Maps of an incompatible earlier layout are replaced by empty ones.
+func Load(dir, cgroup string) (*Kernel, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating the pin directory: %w", err)
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		return nil, fmt.Errorf("checking the pin directory %s: %w", dir, err)
+	}
+	if fs.Type != bpffsMagic {
+		return nil, fmt.Errorf("the pin directory %s is not on a bpffs (mount -t bpf bpf %s)", dir, filepath.Dir(dir))
+	}
+	if err := unix.Statfs(cgroup, &fs); err != nil {
+		return nil, fmt.Errorf("checking the cgroup2 root %s: %w", cgroup, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return nil, fmt.Errorf("%s is not a cgroup2 mount", cgroup)
+	}
+	spec, err := loadKern()
+	if err != nil {
+		return nil, fmt.Errorf("reading the programs: %w", err)
+	}
+	for name, m := range spec.Maps {
+		if name != "table_layout" {
+			m.Pinning = ebpf.PinByName
+		}
+	}
+	k := &Kernel{dir: dir, inner: spec.Maps["tables"].InnerMap.Copy()}
+	k.Adopted = pinned(filepath.Join(dir, "routes"))
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}}
+	err = spec.LoadAndAssign(&k.objs, opts)
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		// A layout from another version: start over rather than fail.
+		for name := range spec.Maps {
+			os.Remove(filepath.Join(dir, name))
+		}
+		k.Adopted = false
+		err = spec.LoadAndAssign(&k.objs, opts)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("loading the programs: %w", explainVerifier(err))
+	}
+	for _, p := range k.programs() {
+		l, err := attach(dir, cgroup, p.name, p.attach, p.prog)
+		if err != nil {
+			k.Close()
+			return nil, err
+		}
+		k.links = append(k.links, l)
+	}
+	return k, nil
+}
+
+func pinned(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// attach returns the pinned link of name updated to prog, or a new link
+// pinned as name.
+func attach(dir, cgroup, name string, typ ebpf.AttachType, prog *ebpf.Program) (link.Link, error) {
+	pin := filepath.Join(dir, "link-"+name)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		if err := l.Update(prog); err == nil {
+			return l, nil
+		}
+		// Not updatable (another kind of link under our name): replace it.
+		l.Unpin()
+		l.Close()
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: typ, Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attaching %s to %s: %w", name, cgroup, err)
+	}
+	if err := l.Pin(pin); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pinning %s: %w", name, err)
+	}
+	return l, nil
+}
+
+// explainVerifier keeps the verifier's last lines, which say what it
+// refused, rather than its whole log.
+func explainVerifier(err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("%w (verifier: %+.5v)", err, ve)
+	}
+	return err
+}
+
+// Close lets go of the programs and maps, leaving them attached and pinned:
+// what a crashed daemon leaves, and what the next Load adopts.
+func (k *Kernel) Close() error {
+	var errs []error
+	for _, l := range k.links {
+		errs = append(errs, l.Close())
+	}
+	k.links = nil
+	errs = append(errs, k.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Remove detaches the programs and deletes the pins and maps: nothing of
+// connectable stays in the kernel once the last socket using its storage
+// is closed.
+func (k *Kernel) Remove() error {
+	var errs []error
+	for _, l := range k.links {
+		errs = append(errs, l.Unpin(), l.Close())
+	}
+	k.links = nil
+	for _, m := range []*ebpf.Map{k.objs.Routes, k.objs.Tables, k.objs.Dead, k.objs.Counters, k.objs.Socks, k.objs.Events} {
+		errs = append(errs, m.Unpin())
+	}
+	errs = append(errs, k.objs.Close())
+	if err := os.Remove(k.dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// routeKey is the key of one namespace's port, for one family.
+type routeKey = kernRouteKey
+
+func newRouteKey(cookie uint64, port uint16, v6 bool) routeKey {
+	k := routeKey{Cookie: cookie, Port: port, Family: unix.AF_INET}
+	if v6 {
+		k.Family = unix.AF_INET6
+	}
+	return k
+}
+
+// SetRoute sends connects to the port of the namespace with cookie, of one
+// family, to table id.
+func (k *Kernel) setRoute(key routeKey, table uint32) error {
+	return k.objs.Routes.Put(key, table)
+}
+
+func (k *Kernel) deleteRoute(key routeKey) error {
+	err := k.objs.Routes.Delete(key)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	return err
+}
+
+// routes returns every route in the map.
+func (k *Kernel) routes() (map[routeKey]uint32, error) {
+	out := make(map[routeKey]uint32)
+	var key routeKey
+	var id uint32
+	it := k.objs.Routes.Iterate()
+	for it.Next(&key, &id) {
+		out[key] = id
+	}
+	return out, it.Err()
+}
+
+// putTable installs t as table id, replacing the previous one at once.
+func (k *Kernel) putTable(id uint32, t *kernTable) error {
+	inner, err := ebpf.NewMap(k.inner)
+	if err != nil {
+		return fmt.Errorf("creating table %d: %w", id, err)
+	}
+	defer inner.Close()
+	if err := inner.Put(uint32(0), t); err != nil {
+		return fmt.Errorf("filling table %d: %w", id, err)
+	}
+	if err := k.objs.Tables.Put(id, inner); err != nil {
+		return fmt.Errorf("installing table %d: %w", id, err)
+	}
+	return nil
+}
+
+func (k *Kernel) deleteTable(id uint32) error {
+	err := k.objs.Tables.Delete(id)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	return err
+}
+
+// tableIDs returns the ids of the tables in the map.
+func (k *Kernel) tableIDs() ([]uint32, error) {
+	var ids []uint32
+	var id, inner uint32
+	it := k.objs.Tables.Iterate()
+	for it.Next(&id, &inner) {
+		ids = append(ids, id)
+	}
+	return ids, it.Err()
+}
+
+// nativeEndian is how the kernel's fields are laid out in memory; addresses
+// and ports in them are network byte order within those fields.
+var nativeEndian = binary.NativeEndian
+
+// endpoint converts to the kernel's form: IPv6, IPv4 v4-mapped, network
+// byte order.
+func endpoint(ap netip.AddrPort) kernEndpoint {
+	b := ap.Addr().As16()
+	var ep kernEndpoint
+	for i := range ep.Addr {
+		ep.Addr[i] = nativeEndian.Uint32(b[4*i:])
+	}
+	ep.Port = nativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, ap.Port()))
+	return ep
+}
+
+// addrPort converts back from the kernel's form.
+func (ep kernEndpoint) addrPort() netip.AddrPort {
+	var b [16]byte
+	for i, w := range ep.Addr {
+		nativeEndian.PutUint32(b[4*i:], w)
+	}
+	port := binary.BigEndian.Uint16(nativeEndian.AppendUint16(nil, ep.Port))
+	return netip.AddrPortFrom(netip.AddrFrom16(b).Unmap(), port)
+}
+
+// markDead and revive set and clear an endpoint's dead mark.
+func (k *Kernel) markDead(ap netip.AddrPort) error {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return err
+	}
+	return k.objs.Dead.Put(endpoint(ap), uint64(ts.Nano()))
+}
+
+func (k *Kernel) revive(ap netip.AddrPort) error {
+	err := k.objs.Dead.Delete(endpoint(ap))
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	return err
+}
+
+// deadEndpoints lists the endpoints with a dead mark, however old.
+func (k *Kernel) deadEndpoints() ([]netip.AddrPort, error) {
+	var out []netip.AddrPort
+	var ep kernEndpoint
+	var ts uint64
+	it := k.objs.Dead.Iterate()
+	for it.Next(&ep, &ts) {
+		out = append(out, ep.addrPort())
+	}
+	return out, it.Err()
+}
+
+// Counter is what the kernel counted for one endpoint of one service.
+type Counter struct {
+	Service  uint32
+	Endpoint netip.AddrPort
+	Connects uint64 // connects rewritten to it
+	Failures uint64 // of those, the ones that failed or retransmitted their SYN
+}
+
+func (k *Kernel) counters() ([]Counter, error) {
+	var out []Counter
+	var key kernCounterKey
+	var c kernEndpointCounters
+	it := k.objs.Counters.Iterate()
+	for it.Next(&key, &c) {
+		out = append(out, Counter{Service: key.Service, Endpoint: key.Ep.addrPort(), Connects: c.Connects, Failures: c.Failures})
+	}
+	return out, it.Err()
+}
+
+func (k *Kernel) ensureCounter(service uint32, ap netip.AddrPort) error {
+	err := k.objs.Counters.Update(kernCounterKey{Service: service, Ep: endpoint(ap)}, kernEndpointCounters{}, ebpf.UpdateNoExist)
+	if errors.Is(err, ebpf.ErrKeyExist) {
+		return nil
+	}
+	return err
+}
+
+func (k *Kernel) deleteCounter(service uint32, ap netip.AddrPort) error {
+	err := k.objs.Counters.Delete(kernCounterKey{Service: service, Ep: endpoint(ap)})
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	return err
+}
+
+// event is what sockops reports; the layout of struct event.
+type event struct {
+	Service uint32
+	Kind    uint32
+	Ep      kernEndpoint
+}
+
+// events returns a reader of the failure reports. Closing it ends a
+// blocked Read.
+func (k *Kernel) events() (*ringbuf.Reader, error) {
+	return ringbuf.NewReader(k.objs.Events)
+}
+
+// Cgroup2Root returns where the root of the cgroup2 hierarchy is mounted:
+// /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a hybrid one
+// (Docker's cgroupfs driver on cgroup v1). Programs attached there see every
+// process of the machine, whatever the cgroup driver.
+func Cgroup2Root() (string, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	var found []string
+	for _, line := range strings.Split(string(b), "\n") {
+		// id parent major:minor root mountpoint options... - fstype source super-options
+		pre, post, ok := strings.Cut(line, " - ")
+		f := strings.Fields(pre)
+		if !ok || len(f) < 5 || !strings.HasPrefix(post, "cgroup2 ") || f[3] != "/" {
+			continue
+		}
+		found = append(found, unescapeMount(f[4]))
+	}
+	if len(found) == 0 {
+		return "", errors.New("no cgroup2 file system is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)")
+	}
+	if slices.Contains(found, "/sys/fs/cgroup") {
+		return "/sys/fs/cgroup", nil
+	}
+	return found[0], nil
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}

@@ -1,0 +1,367 @@
+package sockpath
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/connectable/connectable/internal/testenv"
+)
+
+// fixture is a loaded socket path and a client namespace whose dummy
+// interface holds the backends' addresses 198.18.201.1-4.
+type fixture struct {
+	t    *testing.T
+	dir  string
+	ns   string
+	res  *fakeResolver
+	p    *Path
+	logs *testenv.SyncBuffer
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	f := &fixture{t: t, dir: bpffs(t), res: newFakeResolver(time.Hour), logs: &testenv.SyncBuffer{}}
+	f.ns = netnsWithAddrs(t, "198.18.201.1/24", "198.18.201.2/24", "198.18.201.3/24", "198.18.201.4/24", "fd00:201::1/64")
+	f.start()
+	return f
+}
+
+// start loads the kernel side (adopting pins) and a Path over it.
+func (f *fixture) start() {
+	f.t.Helper()
+	k := loadKernel(f.t, f.dir)
+	p, err := New(Config{Kernel: k, Resolver: f.res, RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond,
+		Logger: testenv.Logger(f.t, f.logs)})
+	if err != nil {
+		k.Remove()
+		f.t.Fatal(err)
+	}
+	f.p = p
+	f.t.Cleanup(func() {
+		if f.p == p {
+			if err := p.Close(); err != nil {
+				f.t.Errorf("Close: %v", err)
+			}
+			if left := pinsLeft(f.dir); len(left) > 0 {
+				f.t.Errorf("pins left after Close: %v", left)
+			}
+		}
+	})
+}
+
+func (f *fixture) apply(routes map[uint16]string) {
+	f.t.Helper()
+	if err := f.p.Apply(context.Background(), "ns1", f.ns, routes); err != nil {
+		f.t.Fatalf("Apply: %v", err)
+	}
+}
+
+func (f *fixture) serving(port uint16, family string) Serving {
+	f.t.Helper()
+	for _, s := range f.p.Status() {
+		if s.Port == port && s.Family == family {
+			return s
+		}
+	}
+	f.t.Fatalf("port %d (%s) not in Status: %+v", port, family, f.p.Status())
+	return Serving{}
+}
+
+func TestRewriteAndPeerName(t *testing.T) {
+	f := newFixture(t)
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	f.res.set("one", group(1, []netip.AddrPort{b1.addr}))
+	f.apply(map[uint16]string{6000: "one"})
+
+	// Nothing listens on the namespace's 127.0.0.1:6000: only a rewrite
+	// can answer.
+	for _, addr := range []string{"127.0.0.1:6000", "127.0.0.2:6000", "[::1]:6000"} {
+		name, peer := mustDial(t, f.ns, addr)
+		if name != "b1" {
+			t.Errorf("%s answered by %q; want b1", addr, name)
+		}
+		if peer != addr {
+			t.Errorf("getpeername after connecting to %s = %s; want the address connected to", addr, peer)
+		}
+	}
+	for _, fam := range []string{"ipv4", "ipv6"} {
+		if s := f.serving(6000, fam); s.Path != "socket" || len(s.Endpoints) != 1 || s.Endpoints[0] != b1.addr {
+			t.Errorf("Status %s = %+v; want the socket path choosing from %s", fam, s, b1.addr)
+		}
+	}
+	// A port without a route is not touched.
+	if _, _, err := dial(f.ns, "127.0.0.1:6001"); err == nil {
+		t.Errorf("127.0.0.1:6001 connected; it has no route and nothing listens there")
+	}
+
+	cs, err := f.p.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cs) != 1 || cs[0].Service != "one" || cs[0].Endpoint != b1.addr || cs[0].Connects != 3 || cs[0].Failures != 0 {
+		t.Errorf("Counters = %+v; want 3 connects to %s for one", cs, b1.addr)
+	}
+
+	if err := f.p.Remove(context.Background(), "ns1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := dial(f.ns, "127.0.0.1:6000"); err == nil {
+		t.Errorf("127.0.0.1:6000 still rewritten after Remove")
+	}
+}
+
+// Namespaces not in the map, the host's among them, are never rewritten,
+// even on a port routed for another namespace.
+func TestOtherNamespacesUntouched(t *testing.T) {
+	f := newFixture(t)
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	f.res.set("one", group(1, []netip.AddrPort{b1.addr}))
+
+	host := startBackend(t, "/proc/self/ns/net", "host", "127.0.0.1:0")
+	port := host.addr.Port()
+	other := testenv.NewNetNS(t)
+	startBackend(t, other, "other", fmt.Sprintf("127.0.0.1:%d", port))
+	f.apply(map[uint16]string{port: "one"})
+
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	if name, _ := mustDial(t, f.ns, addr); name != "b1" {
+		t.Fatalf("the routed namespace reached %q; want b1", name)
+	}
+	if name, peer := mustDial(t, "/proc/self/ns/net", addr); name != "host" || peer != addr {
+		t.Errorf("the host's namespace reached %q (peer %s); want its own listener at %s", name, peer, addr)
+	}
+	if name, _ := mustDial(t, other, addr); name != "other" {
+		t.Errorf("a namespace not in the map reached %q; want its own listener", name)
+	}
+}
+
+func TestWeights(t *testing.T) {
+	f := newFixture(t)
+	var eps []netip.AddrPort
+	for i := 1; i <= 3; i++ {
+		eps = append(eps, startBackend(t, f.ns, fmt.Sprintf("b%d", i), fmt.Sprintf("198.18.201.%d:0", i)).addr)
+	}
+	// Weights 1:2:7, plus a weight-0 target that must never be chosen
+	// while the weighted ones live.
+	g := group(1, eps, 1, 2, 7)
+	b4 := startBackend(t, f.ns, "b4", "198.18.201.4:0")
+	g.Targets = append(g.Targets, group(1, []netip.AddrPort{b4.addr}, 0).Targets...)
+	f.res.set("w", g)
+	f.apply(map[uint16]string{6000: "w"})
+
+	const n = 3000
+	counts := map[string]int{}
+	for range n {
+		name, _ := mustDial(t, f.ns, "127.0.0.1:6000")
+		counts[name]++
+	}
+	want := map[string]float64{"b1": 0.1, "b2": 0.2, "b3": 0.7}
+	for name, p := range want {
+		// Five standard deviations of a binomial count: a correct
+		// implementation fails this once in millions of runs.
+		sd := math.Sqrt(n * p * (1 - p))
+		if got := float64(counts[name]); math.Abs(got-n*p) > 5*sd {
+			t.Errorf("%s served %v of %d connects; want %v ± %.0f (weights 1:2:7)", name, got, n, n*p, 5*sd)
+		}
+	}
+	if counts["b4"] != 0 {
+		t.Errorf("the weight-0 target served %d connects while weighted ones were live", counts["b4"])
+	}
+}
+
+func TestPriorityAndDeadEndpoint(t *testing.T) {
+	f := newFixture(t)
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	b2 := startBackend(t, f.ns, "b2", "198.18.201.2:0")
+	b3 := startBackend(t, f.ns, "b3", "198.18.201.3:0")
+	f.res.set("p", group(1, []netip.AddrPort{b1.addr, b2.addr}), group(2, []netip.AddrPort{b3.addr}))
+	f.apply(map[uint16]string{6000: "p"})
+	for range 50 {
+		if name, _ := mustDial(t, f.ns, "127.0.0.1:6000"); name == "b3" {
+			t.Fatalf("priority 2 served while priority 1 was live")
+		}
+	}
+
+	// b1 dies. The first connect to it fails (the application's own,
+	// there is no proxy to retry), and takes b1 out of the table.
+	addr1 := b1.addr.String()
+	b1.stop()
+	failures := 0
+	for range 200 {
+		name, _, err := dial(f.ns, "127.0.0.1:6000")
+		if err != nil {
+			failures++
+		} else if name != "b2" {
+			t.Fatalf("connect answered by %q; want b2 while b1 is dead", name)
+		}
+	}
+	if failures > 1 {
+		t.Errorf("%d connects failed after b1 died; want at most the one that found it dead", failures)
+	}
+	if failures == 1 {
+		eventually(t, "b1 leaves the table", func() bool {
+			eps := f.serving(6000, "ipv4").Endpoints
+			return len(eps) == 1 && eps[0] == b2.addr
+		})
+		if !strings.Contains(f.logs.String(), "endpoint taken out of the socket path") {
+			t.Errorf("no log line names the dead endpoint:\n%s", f.logs)
+		}
+	}
+
+	// b2 dies too: priority 2 takes over.
+	b2.stop()
+	eventually(t, "priority 2 serves once priority 1 is dead", func() bool {
+		name, _, _ := dial(f.ns, "127.0.0.1:6000")
+		return name == "b3"
+	})
+
+	// b1 comes back on its address: a probe finds it and priority 1
+	// serves again.
+	startBackend(t, f.ns, "b1", addr1)
+	eventually(t, "b1 serves again after a probe", func() bool {
+		name, _, _ := dial(f.ns, "127.0.0.1:6000")
+		return name == "b1"
+	})
+}
+
+// No connect sees a half-written table: every one of them reaches a
+// backend of the old set or the new one while the sets alternate.
+func TestReplaceWhileConnecting(t *testing.T) {
+	f := newFixture(t)
+	var sets [2][]netip.AddrPort
+	for i := 1; i <= 4; i++ {
+		b := startBackend(t, f.ns, fmt.Sprintf("b%d", i), fmt.Sprintf("198.18.201.%d:0", i))
+		sets[(i-1)%2] = append(sets[(i-1)%2], b.addr)
+	}
+	f.res.set("r", group(1, sets[0]))
+	f.apply(map[uint16]string{6000: "r"})
+
+	var failed atomic.Int64
+	var done atomic.Bool
+	var wg sync.WaitGroup
+	seen := make([]map[string]int, 2)
+	for w := range 2 {
+		seen[w] = map[string]int{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for !done.Load() {
+				name, _, err := dial(f.ns, "127.0.0.1:6000")
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				seen[w][name]++
+			}
+		}()
+	}
+	for i := range 200 {
+		f.res.set("r", group(1, sets[(i+1)%2]))
+		f.p.reconverge(func(*space) bool { return true })
+	}
+	done.Store(true)
+	wg.Wait()
+	if n := failed.Load(); n > 0 {
+		t.Errorf("%d connects failed while the endpoint set was replaced", n)
+	}
+	total := map[string]int{}
+	for _, m := range seen {
+		for k, v := range m {
+			total[k] += v
+		}
+	}
+	for k := range total {
+		if !strings.HasPrefix(k, "b") {
+			t.Errorf("a connect reached %q", k)
+		}
+	}
+	t.Logf("answers while replacing: %v", total)
+}
+
+// What the namespace cannot reach stays on the relay: the route is not
+// written, so the connect goes where it would without the socket path.
+func TestUnreachableStaysOnRelay(t *testing.T) {
+	f := newFixture(t)
+	// The REDIRECT rule's stand-in: what the connect reaches unrewritten.
+	for _, port := range []string{"6000", "6001", "6002"} {
+		startBackend(t, f.ns, "relay", "127.0.0.1:"+port)
+	}
+	f.res.set("hostloop", group(1, []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:8500")}))
+	f.res.set("noroute", group(1, []netip.AddrPort{netip.MustParseAddrPort("198.18.202.1:80")}))
+	f.apply(map[uint16]string{6000: "hostloop", 6001: "noroute", 6002: "missing"})
+	for port, why := range map[uint16]string{6000: "loopback", 6001: "no route", 6002: "resolving"} {
+		s := f.serving(port, "ipv4")
+		if s.Path != "relay" || !strings.Contains(s.Why, why) {
+			t.Errorf("port %d: %+v; want the relay, because of %q", port, s, why)
+		}
+		if name, _ := mustDial(t, f.ns, fmt.Sprintf("127.0.0.1:%d", port)); name != "relay" {
+			t.Errorf("port %d reached %q; want the relay", port, name)
+		}
+	}
+	if !strings.Contains(f.logs.String(), "path=relay") {
+		t.Errorf("no log line says the relay serves:\n%s", f.logs)
+	}
+}
+
+// A crashed daemon's entries keep serving; the next run adopts them and
+// converges to exactly what it is asked for.
+func TestAdoptAfterCrash(t *testing.T) {
+	f := newFixture(t)
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	b2 := startBackend(t, f.ns, "b2", "198.18.201.2:0")
+	f.res.set("one", group(1, []netip.AddrPort{b1.addr}))
+	f.res.set("two", group(1, []netip.AddrPort{b2.addr}))
+	f.apply(map[uint16]string{6000: "one", 6001: "two"})
+	other := netnsWithAddrs(t, "198.18.201.1/24")
+	if err := f.p.Apply(context.Background(), "ns2", other, map[uint16]string{6000: "one"}); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := f.p.Abandon(); err != nil { // what SIGKILL leaves
+		t.Fatal(err)
+	}
+	if name, _ := mustDial(t, f.ns, "127.0.0.1:6001"); name != "b2" {
+		t.Fatalf("with no daemon, 127.0.0.1:6001 reached %q; want b2", name)
+	}
+
+	f.start()
+	if err := f.p.Apply(context.Background(), "ns1", f.ns, map[uint16]string{6000: "one"}); err != nil {
+		t.Fatal(err)
+	}
+	f.p.Sweep()
+	routes, err := f.p.k.routes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cookie, err := netnsCookie(f.ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[routeKey]bool{newRouteKey(cookie, 6000, false): true, newRouteKey(cookie, 6000, true): true}
+	if len(routes) != len(want) {
+		t.Errorf("routes after the restart: %v; want only %v", routes, want)
+	}
+	for rk := range routes {
+		if !want[rk] {
+			t.Errorf("route %+v left after the restart", rk)
+		}
+	}
+	ids, _ := f.p.k.tableIDs()
+	if len(ids) != 1 {
+		t.Errorf("tables after the restart: %v; want one", ids)
+	}
+	if name, _ := mustDial(t, f.ns, "127.0.0.1:6000"); name != "b1" {
+		t.Errorf("after the restart 127.0.0.1:6000 reached %q; want b1", name)
+	}
+	if _, _, err := dial(f.ns, "127.0.0.1:6001"); err == nil {
+		t.Errorf("the route of a port no longer wanted survived the restart")
+	}
+}
+
