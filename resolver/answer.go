@@ -7,6 +7,28 @@ import (
 	"time"
 )
 
+// Answer is the structure of a value's current answer, for a caller that
+// spreads connections itself rather than asking Lookup for an order per
+// connection.
+type Answer struct {
+	Groups  []Group   // ascending priority; never empty on success
+	Expires time.Time // the answer is fresh until then; ask again afterwards
+	Stale   bool      // an expired answer, served because every server fails
+}
+
+// Group is the targets of one SRV priority.
+type Group struct {
+	Priority uint16
+	Targets  []Target // those with a weight first, then those of weight 0
+}
+
+// Target is one SRV record's weight and its target's endpoints. For a
+// host:port or ip:port value each address is a Target of weight 1.
+type Target struct {
+	Weight    uint32
+	Endpoints []netip.AddrPort
+}
+
 // answer is one cached result for a label value. It is built once, when the
 // cache is filled, and never modified afterwards: Lookup only reads it and
 // returns shuffled copies, so any number of goroutines share it without
@@ -33,6 +55,7 @@ func (a *answer) usableUntil() time.Time {
 // group is the targets of one SRV priority, prepared for the per-call
 // weighted shuffle: targets with a weight come first, then those of weight 0.
 type group struct {
+	priority uint16
 	targets  []target
 	weighted int    // targets[:weighted] have weight > 0
 	sum      uint32 // their total weight
@@ -44,8 +67,8 @@ type group struct {
 	flat []netip.AddrPort
 }
 
-// target is one SRV record (or, for host:port, one address) and the
-// endpoints it stands for.
+// target is one SRV record (or, for host:port and ip:port, one address of
+// weight 1) and the endpoints it stands for.
 type target struct {
 	weight    uint32
 	endpoints []netip.AddrPort
@@ -72,7 +95,7 @@ func newAnswer(recs []srvRecord) *answer {
 	a := &answer{}
 	for i := 0; i < len(recs); {
 		j := i
-		g := group{}
+		g := group{priority: recs[i].priority}
 		for ; j < len(recs) && recs[j].priority == recs[i].priority; j++ {
 			t := target{weight: uint32(recs[j].weight), endpoints: recs[j].endpoints}
 			if t.weight > 0 {
@@ -188,4 +211,30 @@ func shuffle(s []netip.AddrPort) {
 		j := rand.IntN(i + 1)
 		s[i], s[j] = s[j], s[i]
 	}
+}
+
+// export returns a deep copy of a as an Answer, so callers cannot reach the
+// shared cached slices. An Expires not after now (a stale answer handed to
+// a caller while a refresh is in flight, or one that expired while the
+// caller waited) becomes now+retry, so a caller following it neither spins
+// nor waits out a long-gone TTL.
+func (a *answer) export(now time.Time, retry time.Duration) Answer {
+	out := Answer{Groups: make([]Group, len(a.groups)), Expires: a.expires, Stale: a.stale}
+	if !out.Expires.After(now) {
+		out.Expires = now.Add(retry)
+	}
+	// All endpoints share one allocation; each target's slice is capped,
+	// so a caller appending to one cannot overwrite the next.
+	eps := make([]netip.AddrPort, 0, a.n)
+	for i := range a.groups {
+		g := &a.groups[i]
+		targets := make([]Target, len(g.targets))
+		for j, t := range g.targets {
+			start := len(eps)
+			eps = append(eps, t.endpoints...)
+			targets[j] = Target{Weight: t.weight, Endpoints: eps[start:len(eps):len(eps)]}
+		}
+		out.Groups[i] = Group{Priority: g.priority, Targets: targets}
+	}
+	return out
 }

@@ -21,7 +21,7 @@ const maxParallel = 8
 func (r *Resolver) resolve(ctx context.Context, v parsedValue) (*answer, time.Duration, error) {
 	switch v.kind {
 	case kindAddrPort:
-		return newAnswer([]srvRecord{{endpoints: []netip.AddrPort{v.addr}}}), r.maxTTL, nil
+		return newAnswer([]srvRecord{{weight: 1, endpoints: []netip.AddrPort{v.addr}}}), r.maxTTL, nil
 	case kindHostPort:
 		res := r.resolveAddrs(ctx, v.name)
 		if res.err != nil {
@@ -29,8 +29,9 @@ func (r *Resolver) resolve(ctx context.Context, v parsedValue) (*answer, time.Du
 		}
 		recs := make([]srvRecord, len(res.addrs))
 		for i, a := range res.addrs {
-			// Weight 0 for all: a uniform shuffle of the addresses.
-			recs[i] = srvRecord{endpoints: []netip.AddrPort{netip.AddrPortFrom(a, v.port)}}
+			// Equal weights: a uniform shuffle of the addresses, and
+			// Answer's callers see each with a share of its own.
+			recs[i] = srvRecord{weight: 1, endpoints: []netip.AddrPort{netip.AddrPortFrom(a, v.port)}}
 		}
 		return newAnswer(recs), seconds(res.ttl), nil
 	default:

@@ -14,7 +14,9 @@
 // query per value and interval, not one per connection. The cache holds a
 // bounded number of values (see cache for the eviction policy). Every call
 // returns a fresh copy in a fresh random order: SRV priority groups lowest
-// first, weighted random order inside a group (RFC 2782).
+// first, weighted random order inside a group (RFC 2782). Answer returns
+// the same cached answer's structure instead (priority groups, weights,
+// expiry), for a data path that spreads connections by weight itself.
 //
 // Every use of github.com/miekg/dns stays inside this package.
 //
@@ -229,6 +231,37 @@ func (r *Resolver) Servers() []string { return slices.Clone(r.servers) }
 // ErrNoSuchName, ErrNoEndpoints, ErrTimeout, ErrRefused, ErrServerFailure
 // and ErrMalformed, or the context's error.
 func (r *Resolver) Lookup(ctx context.Context, value string) ([]netip.AddrPort, error) {
+	a, err := r.current(ctx, value)
+	if err != nil {
+		return nil, err
+	}
+	return a.endpoints(), nil
+}
+
+// Answer returns value's current answer: its SRV priority groups (lowest
+// first), each target's weight and endpoints, and when the answer expires,
+// that is, when a caller should ask again. A host:port or ip:port value
+// gives each address a Target of its own, of weight 1, in one group of
+// priority 0. The Answer is the caller's: nothing in it is shared with the
+// cache.
+//
+// Caching, sharing of queries, stale answers and errors are those of
+// Lookup: a cached answer costs no query. A stale answer (Stale set) has an
+// Expires shortly ahead, MinTTL from now at most, so a caller that follows
+// Expires keeps retrying the servers at the rate Lookup does.
+func (r *Resolver) Answer(ctx context.Context, value string) (Answer, error) {
+	a, err := r.current(ctx, value)
+	if err != nil {
+		return Answer{}, err
+	}
+	return a.export(r.now(), r.minTTL), nil
+}
+
+// current returns the answer to serve for value, from the cache or from a
+// query (its own or one in flight). On success the answer has endpoints
+// (its err is nil); a cached negative answer or failure comes back as the
+// error.
+func (r *Resolver) current(ctx context.Context, value string) (*answer, error) {
 	if e := r.cache.get(value); e != nil {
 		e.markUsed()
 		if a := e.ans.Load(); a != nil && r.now().Before(a.expires) {
@@ -244,15 +277,16 @@ func (r *Resolver) Lookup(ctx context.Context, value string) ([]netip.AddrPort, 
 	return r.lookupSlow(ctx, e)
 }
 
-// result turns an answer into Lookup's return values.
-func (r *Resolver) result(a *answer) ([]netip.AddrPort, error) {
+// result returns a if it can be served, counting stale answers, or the
+// error it caches.
+func (r *Resolver) result(a *answer) (*answer, error) {
 	if a.err != nil {
 		return nil, a.err
 	}
 	if a.stale {
 		r.stats.stale.Add(1)
 	}
-	return a.endpoints(), nil
+	return a, nil
 }
 
 // entry returns the cache entry of value, creating it if needed.
@@ -269,7 +303,7 @@ func (r *Resolver) entry(value string) (*entry, error) {
 }
 
 // lookupSlow answers from a query: its own, or the one in flight.
-func (r *Resolver) lookupSlow(ctx context.Context, e *entry) ([]netip.AddrPort, error) {
+func (r *Resolver) lookupSlow(ctx context.Context, e *entry) (*answer, error) {
 	for {
 		e.mu.Lock()
 		a := e.ans.Load()
