@@ -9,7 +9,8 @@
 // off the event path, with bounded concurrency), cache.go (the container
 // cache), desired.go (containers → desired state, a pure function),
 // labels.go (connect.<port> labels), engine.go (the client's quirks),
-// self.go (the daemon's own container).
+// self.go (the daemon's own container), ports.go (published ports →
+// the containers' own addresses, for a data path that skips the NAT).
 //
 // A namespace is named by a key, the ID of the container that owns it (for
 // --network container:<id>, the container named there), and opened once, as
@@ -86,6 +87,9 @@ type Config struct {
 	SelfID string
 	// Logger optionally receives the watcher's logs; if nil, slog.Default().
 	Logger *slog.Logger
+	// Ports optionally names a PortTable to invalidate on every container
+	// lifecycle event, whatever the container's labels; if nil, none.
+	Ports *PortTable
 }
 
 // NewClient returns a client for the engine at host (e.g.
@@ -410,6 +414,9 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 			if !ok {
 				return errStreamEnded
 			}
+			if w.cfg.Ports != nil && isLifecycle(ev) {
+				w.cfg.Ports.Invalidate()
+			}
 			if id := w.eventID(ev); id != "" {
 				ins.request(id)
 			}
@@ -426,10 +433,7 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 
 // eventID returns the container ev is about, if it may matter.
 func (w *Watcher) eventID(ev *dockerapi.APIEvents) string {
-	if ev == nil || (ev.Type != "" && ev.Type != "container") {
-		return ""
-	}
-	if !slices.Contains(lifecycleEvents, cmp.Or(ev.Action, ev.Status)) {
+	if !isLifecycle(ev) {
 		return ""
 	}
 	id := cmp.Or(ev.Actor.ID, ev.ID)
@@ -443,6 +447,12 @@ func (w *Watcher) eventID(ev *dockerapi.APIEvents) string {
 		return ""
 	}
 	return id
+}
+
+// isLifecycle reports whether ev is a container's lifecycle event.
+func isLifecycle(ev *dockerapi.APIEvents) bool {
+	return ev != nil && (ev.Type == "" || ev.Type == "container") &&
+		slices.Contains(lifecycleEvents, cmp.Or(ev.Action, ev.Status))
 }
 
 // lifecycleEvents are the container events, of Docker and of Podman's

@@ -221,10 +221,15 @@ type fakeEngine struct {
 	onInspect func(opts dockerapi.InspectContainerOptions)
 	inspects  map[string]int
 	netns     map[int]uint64 // pid → namespace inode; absent: unknown
+	lists     int            // ListContainers calls
+	// published holds each container's published ports as the listing
+	// shows them; its networks come from NetworkSettings.Networks.
+	published map[string][]dockerapi.APIPort
 }
 
 func newFakeEngine() *fakeEngine {
-	return &fakeEngine{world: make(map[string]*dockerapi.Container), inspects: make(map[string]int), netns: make(map[int]uint64)}
+	return &fakeEngine{world: make(map[string]*dockerapi.Container), inspects: make(map[string]int), netns: make(map[int]uint64),
+		published: make(map[string][]dockerapi.APIPort)}
 }
 
 var errEngineDown = fmt.Errorf("dial unix /var/run/docker.sock: connect: connection refused")
@@ -254,6 +259,7 @@ func (f *fakeEngine) RemoveEventListener(l chan *dockerapi.APIEvents) error {
 
 func (f *fakeEngine) ListContainers(opts dockerapi.ListContainersOptions) ([]dockerapi.APIContainers, error) {
 	f.mu.Lock()
+	f.lists++
 	if f.down {
 		f.mu.Unlock()
 		return nil, errEngineDown
@@ -261,7 +267,12 @@ func (f *fakeEngine) ListContainers(opts dockerapi.ListContainersOptions) ([]doc
 	var out []dockerapi.APIContainers
 	for _, c := range f.world {
 		if c.State.Running {
-			out = append(out, dockerapi.APIContainers{ID: c.ID, Names: []string{c.Name}, Labels: maps.Clone(c.Config.Labels), State: "running"})
+			lc := dockerapi.APIContainers{ID: c.ID, Names: []string{c.Name}, Labels: maps.Clone(c.Config.Labels), State: "running",
+				Ports: slices.Clone(f.published[c.ID])}
+			if c.NetworkSettings != nil {
+				lc.Networks.Networks = maps.Clone(c.NetworkSettings.Networks)
+			}
+			out = append(out, lc)
 		}
 	}
 	hook := f.onList
