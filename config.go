@@ -44,6 +44,10 @@ type config struct {
 	maxConnsPerNS int // 0: derived from the file limit
 	maxConns      int // 0: derived from the file limit
 	maxDialsPerNS int
+	// The socket data path (README "Data paths").
+	datapath string // relay, socket or auto
+	bpfDir   string
+	cgroup2  string // "": found in /proc/self/mountinfo
 }
 
 // option is one flag with the environment variable that sets its default.
@@ -130,6 +134,31 @@ var options = []option{
 				return errors.New("must be a positive number")
 			}
 			c.maxDialsPerNS = n
+			return nil
+		}},
+	{"datapath", "CONNECTABLE_DATAPATH", "relay", "data path: relay (every connection through the proxy), socket (connect() sent straight to an endpoint by eBPF programs where the namespace can reach it, the relay beneath for the rest; fail if the programs cannot load) or auto (socket where the kernel allows, else relay)",
+		func(c *config, v string) error {
+			switch v {
+			case "relay", "socket", "auto":
+				c.datapath = v
+				return nil
+			}
+			return errors.New("must be relay, socket or auto")
+		}},
+	{"bpf-dir", "CONNECTABLE_BPF_DIR", "/sys/fs/bpf/connectable", "where the socket path pins its programs and maps, on a bpffs (a bpffs is mounted at /sys/fs/bpf if none is); what is pinned keeps serving while the daemon restarts",
+		func(c *config, v string) error {
+			if !strings.HasPrefix(v, "/") {
+				return errors.New("must be an absolute path")
+			}
+			c.bpfDir = path.Clean(v)
+			return nil
+		}},
+	{"cgroup2", "CONNECTABLE_CGROUP2", "", "the cgroup2 root the socket path's programs attach to; empty: found among the mounts (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host)",
+		func(c *config, v string) error {
+			if v != "" && !strings.HasPrefix(v, "/") {
+				return errors.New("must be an absolute path")
+			}
+			c.cgroup2 = v
 			return nil
 		}},
 	{"log-level", "CONNECTABLE_LOG_LEVEL", "info", "log level: debug, info, warn or error (debug logs every connection)",

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -60,23 +61,33 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		HalfCloseTimeout:     c.halfClose,
 		Logger:               log,
 	}
-	rec := reconcile.New(reconcile.Config{Paths: []reconcile.Path{srv}, Logger: log})
+	ports := docker.NewPortTable(client, log)
+	sock, err := startSocketPath(c, log, res, srv.CheckTarget, ports)
+	if err != nil {
+		return err
+	}
+	rec := reconcile.New(reconcile.Config{Paths: pathsOf(srv, sock), Logger: log})
 	w := docker.NewWatcher(docker.Config{
 		Client:         client,
 		Sink:           rec,
+		Ports:          ports,
 		Validate:       func(v string) error { return validateLabel(c, v) },
 		ResyncInterval: c.resync,
 		SelfID:         docker.SelfContainerID(),
 		Logger:         log,
 	})
-	adm := admin.New(admin.Config{Version: version, Proxy: srv, Resolver: res, Watcher: w, Reconciler: rec, Logger: log})
+	acfg := admin.Config{Version: version, Proxy: srv, Resolver: res, Watcher: w, Reconciler: rec, Logger: log}
+	if sock != nil {
+		acfg.Socket = sock
+	}
+	adm := admin.New(acfg)
 	portMode := "ephemeral"
 	if c.port != 0 {
 		portMode = fmt.Sprint(c.port)
 	}
 	log.Info("connectable starting", "version", version, "docker", client.Endpoint(),
 		"dns", res.Servers(), "iptables", nat.Backend(), "port", portMode, "admin", c.admin, "procs", procs,
-		"file_limit", nofile, "max_conns", maxConns, "max_conns_per_namespace", perNS)
+		"file_limit", nofile, "max_conns", maxConns, "max_conns_per_namespace", perNS, "datapath", c.datapath)
 
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)
@@ -91,12 +102,25 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	} else {
 		adminDone <- nil
 	}
+	sweepDone := make(chan struct{})
+	go func() {
+		defer close(sweepDone)
+		if sock != nil {
+			sweepWhenSettled(ctx, sock, w, rec)
+		}
+	}()
 	runErr := w.Run(ctx)
 	cancel()
+	<-sweepDone
 	// Set-ups in flight are cancelled first, so that the relay's teardown
-	// sees every namespace that was set up.
+	// sees every namespace that was set up. The socket path goes before
+	// the relay: new connects fall to the relay while it drains.
 	rec.Close()
-	closeErr := srv.Close()
+	var sockErr error
+	if sock != nil {
+		sockErr = sock.Close()
+	}
+	closeErr := errors.Join(sockErr, srv.Close())
 	if err := <-adminDone; err != nil {
 		log.Warn("admin endpoint stopped", "err", err)
 	}

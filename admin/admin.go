@@ -34,6 +34,7 @@ import (
 	"github.com/connectable/connectable/proxy"
 	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/resolver"
+	"github.com/connectable/connectable/sockpath"
 )
 
 // Proxy is what the admin endpoint reads from the proxy.
@@ -60,6 +61,13 @@ type Reconciler interface {
 	SetupTimes() reconcile.Histogram
 }
 
+// Socket is what the admin endpoint reads from the socket data path: how
+// each port is served, and the kernel's counters.
+type Socket interface {
+	Status() []sockpath.Serving
+	Counters() ([]sockpath.ServiceCounter, error)
+}
+
 // Config names the endpoint's sources. A nil source leaves its part out.
 type Config struct {
 	Version    string
@@ -67,6 +75,7 @@ type Config struct {
 	Resolver   Resolver
 	Watcher    Watcher
 	Reconciler Reconciler
+	Socket     Socket // nil when --datapath is relay, or auto found no socket path
 	// Logger optionally receives the endpoint's logs; if nil, slog.Default().
 	Logger *slog.Logger
 	// MaxConns optionally caps the connections served at once (more wait

@@ -37,13 +37,16 @@ var (
 	dockerReconn   = desc("docker_reconnects_total", "Docker event-stream subscriptions after the first.")
 	dockerResyncs  = desc("docker_resyncs_total", "Full resynchronisations with the Docker Engine.")
 	dockerResyncKO = desc("docker_resync_errors_total", "Full resynchronisations that failed.")
+	sockConnects   = desc("socket_connects_total", "Connects the socket path's programs sent straight to an endpoint, as counted in the kernel (reset when the endpoint leaves the service).", "service", "endpoint")
+	sockFailures   = desc("socket_failures_total", "Of those, the ones the kernel saw fail or retransmit their SYN; each takes the endpoint out until a probe reaches it.", "service", "endpoint")
+	sockPorts      = desc("socket_ports", "Labelled ports, per family, by the data path that serves them.", "path")
 	setupSeconds   = desc("setup_seconds", "Time to set up or update one network namespace on every data path (listeners, iptables rules, routes).")
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{buildInfo, accepted, active, failed, rejected, bytesTotal, dialFailures, refusedTargets, limited,
 		failovers, namespaces, ports, dnsLookups, dnsStale, dnsQueries, dnsErrors, dnsTruncated, dnsSeconds,
-		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO, setupSeconds} {
+		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO, sockConnects, sockFailures, sockPorts, setupSeconds} {
 		ch <- d
 	}
 }
@@ -102,6 +105,23 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(dockerReconn, float64(st.Reconnects))
 		counter(dockerResyncs, float64(st.Resyncs))
 		counter(dockerResyncKO, float64(st.ResyncErrors))
+	}
+	if sp := c.a.cfg.Socket; sp != nil {
+		if cs, err := sp.Counters(); err == nil {
+			for _, s := range cs {
+				counter(sockConnects, float64(s.Connects), s.Service, s.Endpoint.String())
+				counter(sockFailures, float64(s.Failures), s.Service, s.Endpoint.String())
+			}
+		} else {
+			c.a.log.Warn("reading the socket path's counters", "err", err)
+		}
+		n := map[string]int{"socket": 0, "relay": 0}
+		for _, s := range sp.Status() {
+			n[s.Path]++
+		}
+		for path, v := range n {
+			gauge(sockPorts, float64(v), path)
+		}
 	}
 	if r := c.a.cfg.Reconciler; r != nil {
 		h := r.SetupTimes()

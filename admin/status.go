@@ -42,6 +42,18 @@ type Route struct {
 	// Endpoints are those the last connection to the service tried, in
 	// that order, with their passive-health state.
 	Endpoints []Endpoint `json:"endpoints,omitempty"`
+	// Paths say which data path serves the port, per family, and why;
+	// without a socket path, the relay serves everything.
+	Paths []RoutePath `json:"paths,omitempty"`
+}
+
+// RoutePath is how one family of a labelled port is served.
+type RoutePath struct {
+	Family string `json:"family"` // ipv4 (127.0.0.0/8) or ipv6 (::1)
+	Path   string `json:"path"`   // socket or relay
+	Why    string `json:"why"`
+	// Endpoints are those the kernel chooses from, for the socket path.
+	Endpoints []string `json:"endpoints,omitempty"`
 }
 
 // Endpoint is one backend address with its passive-health state.
@@ -100,6 +112,24 @@ func (a *Admin) Status() Status {
 			}
 		}
 	}
+	if sp := a.cfg.Socket; sp != nil {
+		for _, s := range sp.Status() {
+			ns := byKey[s.Key]
+			if ns == nil {
+				continue
+			}
+			for i := range ns.Routes {
+				if ns.Routes[i].Port != s.Port {
+					continue
+				}
+				rp := RoutePath{Family: s.Family, Path: s.Path, Why: s.Why}
+				for _, ep := range s.Endpoints {
+					rp.Endpoints = append(rp.Endpoints, ep.String())
+				}
+				ns.Routes[i].Paths = append(ns.Routes[i].Paths, rp)
+			}
+		}
+	}
 	for _, ns := range byKey {
 		sort.Slice(ns.Routes, func(i, j int) bool { return ns.Routes[i].Port < ns.Routes[j].Port })
 		st.Namespaces = append(st.Namespaces, *ns)
@@ -116,7 +146,7 @@ func WriteTable(w io.Writer, st Status) error {
 	}
 	fmt.Fprintf(w, "connectable %s, %s, %d namespace(s)\n\n", st.Version, health, len(st.Namespaces))
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "CONTAINERS\tPORT\tSERVICE\tPROXY\tACTIVE\tENDPOINTS (last tried order)")
+	fmt.Fprintln(tw, "CONTAINERS\tPORT\tSERVICE\tPATH\tPROXY\tACTIVE\tENDPOINTS (last tried order)")
 	for _, ns := range st.Namespaces {
 		var names []string
 		for _, c := range ns.Containers {
@@ -136,7 +166,7 @@ func WriteTable(w io.Writer, st Status) error {
 			}
 		}
 		if ns.Error != "" {
-			fmt.Fprintf(tw, "%s\t-\t-\t%s\t%d\tERROR: %s\n", who, proxyPort, ns.Active, ns.Error)
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t%s\t%d\tERROR: %s\n", who, proxyPort, ns.Active, ns.Error)
 		}
 		for _, r := range ns.Routes {
 			var eps []string
@@ -153,10 +183,27 @@ func WriteTable(w io.Writer, st Status) error {
 			if endpoints == "" {
 				endpoints = "(no connection yet)"
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%s\n", who, r.Port, r.Service, proxyPort, ns.Active, endpoints)
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%s\n", who, r.Port, r.Service, pathOf(r), proxyPort, ns.Active, endpoints)
 		}
 	}
 	return tw.Flush()
+}
+
+// pathOf says which path serves r: relay, socket, or each family's.
+func pathOf(r Route) string {
+	if len(r.Paths) == 0 {
+		return "relay"
+	}
+	var parts []string
+	same := true
+	for _, p := range r.Paths {
+		parts = append(parts, p.Family+" "+p.Path)
+		same = same && p.Path == r.Paths[0].Path
+	}
+	if same {
+		return r.Paths[0].Path
+	}
+	return strings.Join(parts, ", ")
 }
 
 func short(id string) string {

@@ -122,17 +122,27 @@ func interfaceAddrs() ([]netip.Addr, error) {
 }
 
 // Invalidate forgets the cached listing: the next Lookup lists again. The
-// watcher calls it on every container lifecycle event.
+// watcher calls it on every container lifecycle event. It also signals
+// Changed: nothing else would list again after a container died, and a
+// user should stop sending connects to it as soon as it can.
 func (p *PortTable) Invalidate() {
 	p.mu.Lock()
 	p.gen++
 	p.mu.Unlock()
+	p.signal()
 }
 
-// Changed receives a value (it holds at most one) after a listing differs
-// from the one before it, so that a user of Lookup evaluates its endpoints
-// again. The first listing does not count: it differs from nothing that a
-// Lookup could have returned.
+func (p *PortTable) signal() {
+	select {
+	case p.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Changed receives a value (it holds at most one) after Invalidate, and
+// after a listing differs from the one before it, so that a user of Lookup
+// evaluates its endpoints again. The first listing does not count: it
+// differs from nothing that a Lookup could have returned.
 func (p *PortTable) Changed() <-chan struct{} { return p.changed }
 
 // Lookup returns, for an endpoint hostAddr:hostPort that is a TCP port
@@ -222,10 +232,7 @@ func (p *PortTable) listing(ctx context.Context) (*portListing, error) {
 		}
 		if prev != nil && !prev.same(c.l) {
 			p.log.Debug("published ports changed", "bindings", len(c.l.entries))
-			select {
-			case p.changed <- struct{}{}:
-			default:
-			}
+			p.signal()
 		}
 		return c.l, nil
 	}

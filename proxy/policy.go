@@ -138,3 +138,11 @@ func ParsePrefixes(s string) ([]netip.Prefix, error) {
 	}
 	return out, nil
 }
+
+// CheckTarget applies the server's target policy to a: nil if the relay
+// may dial it, else why not. The socket data path writes only the
+// endpoints it allows, so that one policy bounds both paths.
+func (s *Server) CheckTarget(a netip.Addr) error {
+	s.init()
+	return s.policy.check(a)
+}
