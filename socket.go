@@ -144,4 +144,3 @@ func pathsOf(srv reconcile.Path, sock *sockpath.Path) []reconcile.Path {
 	}
 	return []reconcile.Path{srv, sock}
 }
-

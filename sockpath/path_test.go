@@ -364,4 +364,3 @@ func TestAdoptAfterCrash(t *testing.T) {
 		t.Errorf("the route of a port no longer wanted survived the restart")
 	}
 }
-

@@ -6,7 +6,9 @@ import (
 )
 
 func TestApportion(t *testing.T) {
-	ep := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}), 80) }
+	ep := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}), 80)
+	}
 	none := func(netip.AddrPort) bool { return false }
 	count := func(slots []uint8) map[uint8]int {
 		m := map[uint8]int{}
