@@ -6,7 +6,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # Arguments for `make run`, e.g. make run ARGS='--log-level debug'.
 ARGS    ?=
 
-.PHONY: build test setup lint run image local-image consul bench chaos clean
+.PHONY: build test setup lint generate run image local-image consul bench chaos clean
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) .
@@ -33,6 +33,14 @@ lint:
 	$(GO) vet ./...
 	cd tools && $(GO) build -o ../bin/staticcheck honnef.co/go/tools/cmd/staticcheck
 	./bin/staticcheck ./...
+	@# The socket path's compiled programs are committed: they must be what
+	@# the C source builds to (clang and libbpf-dev: scripts/setup.sh test).
+	$(MAKE) generate
+	@git diff --quiet -- sockpath/kern_bpfel.o sockpath/kern_bpfel.go || { echo "sockpath: the committed eBPF objects differ from what go generate builds; commit them"; exit 1; }
+
+# Rebuilds the socket path's eBPF objects from sockpath/bpf/sockpath.c.
+generate:
+	$(GO) generate ./sockpath
 
 # Runs the daemon on this host against the local Docker Engine (needs root),
 # after installing iptables where it is missing. With no ARGS it resolves

@@ -51,6 +51,9 @@ func loadKernel(c *config) (*sockpath.Kernel, error) {
 			return nil, err
 		}
 	}
+	if err := sockpath.CheckCgroup2(cg); err != nil {
+		return nil, err
+	}
 	if own, host, err := cgroupNamespaces(); err == nil && own != host {
 		return nil, errors.New("the daemon's cgroup namespace is not the host's, so its programs would see only its own processes (as a container: --cgroupns=host)")
 	}

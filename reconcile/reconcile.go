@@ -2,8 +2,8 @@
 // has: for every network namespace, the desired state (handed over whole by
 // the Docker watcher), the state last applied, the error of the last
 // attempt, and the one worker goroutine that closes the gap. It drives the
-// data paths through Path, which it declares; today that is the relay
-// (*proxy.Server), and a second data path is added to Config.Paths.
+// data paths through Path, which it declares: the relay (*proxy.Server) and,
+// over it, the socket path (*sockpath.Path).
 //
 // Properties the rest of the daemon relies on:
 //   - Desire never blocks on a set-up: it records the new state and wakes or
@@ -79,8 +79,10 @@ type Path interface {
 
 // Config configures a Reconciler. Paths is required.
 type Config struct {
-	// Paths are applied in order and removed in reverse order, so that a
-	// path listed first (the fastest) serves first, over those beneath it.
+	// Paths are applied in order and removed in reverse order. List the
+	// safety net first (the relay, which serves every label) and the faster
+	// path that sits over it after (the socket path): the faster one is then
+	// only ever in place over the net, and goes before it.
 	Paths []Path
 	// RetryMin and RetryMax optionally bound the back-off between attempts
 	// of a failing set-up; if zero, 1s and 30s.

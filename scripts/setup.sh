@@ -25,7 +25,8 @@ test_needs=("${run_needs[@]}"
 	ip:iproute2 ss:iproute2 nsenter:util-linux unshare:util-linux flock:util-linux
 	strace:strace timeout:coreutils
 	docker:docker.io docker-compose:docker-compose
-	podman:podman)
+	podman:podman
+	clang:clang llvm-strip:llvm pkg:libbpf-dev)
 
 case $mode in
 test) needs=("${test_needs[@]}") ;;

@@ -77,11 +77,8 @@ func Load(dir, cgroup string) (*Kernel, error) {
 	if fs.Type != bpffsMagic {
 		return nil, fmt.Errorf("the pin directory %s is not on a bpffs (mount -t bpf bpf %s)", dir, filepath.Dir(dir))
 	}
-	if err := unix.Statfs(cgroup, &fs); err != nil {
-		return nil, fmt.Errorf("checking the cgroup2 root %s: %w", cgroup, err)
-	}
-	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return nil, fmt.Errorf("%s is not a cgroup2 mount", cgroup)
+	if err := CheckCgroup2(cgroup); err != nil {
+		return nil, err
 	}
 	spec, err := loadKern()
 	if err != nil {
@@ -116,6 +113,18 @@ func Load(dir, cgroup string) (*Kernel, error) {
 		k.links = append(k.links, l)
 	}
 	return k, nil
+}
+
+// CheckCgroup2 returns an error unless dir is a cgroup2 mount.
+func CheckCgroup2(dir string) error {
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		return fmt.Errorf("checking the cgroup2 root %s: %w", dir, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return fmt.Errorf("%s is not a cgroup2 mount", dir)
+	}
+	return nil
 }
 
 func pinned(path string) bool {

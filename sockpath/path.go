@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -392,6 +393,7 @@ func (p *Path) decide(ctx context.Context, sp *space) (map[routeKey]decision, er
 // to directly, or nil and the reason the relay serves it instead.
 func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direct, view *nsView, v6 bool) ([]candidate, string) {
 	var cands []candidate
+	var translated []string
 	refused := 0
 	target := 0
 	for _, g := range ans.Groups {
@@ -407,6 +409,7 @@ func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direc
 				for _, d := range direct[ep] {
 					if view.onSubnet(d.Subnet) && p.allowed(d.Addr.Addr()) {
 						addr = d.Addr
+						translated = append(translated, fmt.Sprintf("%s as %s", ep, addr))
 						break
 					}
 				}
@@ -430,7 +433,11 @@ func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direc
 	if len(cands) == 0 {
 		return nil, fmt.Sprintf("the target policy refuses all %d endpoints", refused)
 	}
-	return cands, "every endpoint is reachable from the namespace"
+	why := "every endpoint is reachable from the namespace"
+	if len(translated) > 0 {
+		why += "; published ports reached at their containers: " + strings.Join(translated, ", ")
+	}
+	return cands, why
 }
 
 func (p *Path) allowed(a netip.Addr) bool {
@@ -526,6 +533,7 @@ func answerSignature(ans resolver.Answer) string {
 
 // install makes the kernel serve sp as ds says. Called with p.mu.
 func (p *Path) install(sp *space, ds map[routeKey]decision) {
+	changed := map[uint16]bool{}
 	for rk, d := range ds {
 		old := sp.ports[rk]
 		st := &portState{service: d.service, reason: d.reason}
@@ -554,18 +562,45 @@ func (p *Path) install(sp *space, ds map[routeKey]decision) {
 		}
 		sp.ports[rk] = st
 		if old == nil || (old.table == nil) != (st.table == nil) || old.reason != st.reason {
-			p.logDecision(sp, rk, st)
+			changed[rk.Port] = true
 		}
 	}
 	p.dropPorts(sp, ds)
+	for _, port := range slices.Sorted(maps.Keys(changed)) {
+		p.logDecision(sp, port)
+	}
 }
 
-func (p *Path) logDecision(sp *space, rk routeKey, st *portState) {
-	path := "relay"
-	if st.table != nil {
-		path = "socket"
+// logDecision says in one line which path serves a port of sp, and why;
+// the families are named apart only where they differ. Called with p.mu.
+func (p *Path) logDecision(sp *space, port uint16) {
+	var v4, v6 *portState
+	for rk, st := range sp.ports {
+		if rk.Port == port {
+			if rk.Family == unix.AF_INET6 {
+				v6 = st
+			} else {
+				v4 = st
+			}
+		}
 	}
-	p.log.Info("serving a port", "key", short(sp.key), "port", rk.Port, "family", family(rk), "service", st.service, "path", path, "why", st.reason)
+	if v4 == nil || v6 == nil {
+		return
+	}
+	attrs := []any{"key", short(sp.key), "port", port, "service", v4.service}
+	if pathName(v4) == pathName(v6) && v4.reason == v6.reason {
+		attrs = append(attrs, "path", pathName(v4), "why", v4.reason)
+	} else {
+		attrs = append(attrs, "path", "ipv4 "+pathName(v4)+", ipv6 "+pathName(v6), "why_ipv4", v4.reason, "why_ipv6", v6.reason)
+	}
+	p.log.Info("serving a port", attrs...)
+}
+
+func pathName(st *portState) string {
+	if st.table != nil {
+		return "socket"
+	}
+	return "relay"
 }
 
 func family(rk routeKey) string {
@@ -849,6 +884,9 @@ func (p *Path) probeDead() {
 			continue
 		}
 		from := p.probeFrom(ap)
+		if from == "" && len(p.leftRoutes) > 0 {
+			continue // adopted, and the namespaces that use it not applied yet
+		}
 		if from == "" { // no table chooses from it any more
 			delete(p.dead, ap)
 			if err := p.k.revive(ap); err != nil {
