@@ -19,6 +19,7 @@ import (
 	"github.com/connectable/connectable/proxy"
 	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/resolver"
+	"github.com/connectable/connectable/sockpath"
 )
 
 // The sources are snapshots; these fakes return fixed ones. The real
@@ -224,5 +225,47 @@ func TestConnectionCap(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("/healthz: %s", resp.Status)
+	}
+}
+
+type fakeSocket struct{}
+
+func (fakeSocket) Status() []sockpath.Serving {
+	ep := netip.MustParseAddrPort("198.18.0.5:80")
+	return []sockpath.Serving{
+		{Key: "abc123abc123ffff", Port: 6000, Family: "ipv4", Service: "web", Path: "socket", Why: "every endpoint is reachable from the namespace", Endpoints: []netip.AddrPort{ep}},
+		{Key: "abc123abc123ffff", Port: 6000, Family: "ipv6", Service: "web", Path: "relay", Why: "endpoint 198.18.0.5:80 is IPv6"},
+	}
+}
+
+func (fakeSocket) Counters() ([]sockpath.ServiceCounter, error) {
+	return []sockpath.ServiceCounter{{Service: "web", Endpoint: netip.MustParseAddrPort("198.18.0.5:80"), Connects: 9, Failures: 1}}, nil
+}
+
+func TestSocketPath(t *testing.T) {
+	a := New(Config{Version: "v1", Proxy: fakeProxy{}, Reconciler: fakeReconciler{}, Socket: fakeSocket{}})
+	st := a.Status()
+	paths := st.Namespaces[0].Routes[0].Paths
+	if len(paths) != 2 || paths[0].Family != "ipv4" || paths[0].Path != "socket" || len(paths[0].Endpoints) != 1 ||
+		paths[1].Path != "relay" || paths[1].Why == "" {
+		t.Errorf("paths of port 6000 = %+v; want ipv4 by the socket path, ipv6 by the relay with its reason", paths)
+	}
+	var b bytes.Buffer
+	if err := WriteTable(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), "ipv4 socket, ipv6 relay") {
+		t.Errorf("table lacks the per-family path:\n%s", b.String())
+	}
+	_, page := get(t, a, http.MethodGet, "/metrics")
+	for _, want := range []string{
+		`connectable_socket_connects_total{endpoint="198.18.0.5:80",service="web"} 9`,
+		`connectable_socket_failures_total{endpoint="198.18.0.5:80",service="web"} 1`,
+		`connectable_socket_ports{path="socket"} 1`,
+		`connectable_socket_ports{path="relay"} 1`,
+	} {
+		if !strings.Contains(page, want+"\n") {
+			t.Errorf("/metrics lacks %s", want)
+		}
 	}
 }

@@ -11,7 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/connectable/connectable/internal/testenv"
+	"github.com/connectable/connectable/netns"
 )
 
 // fixture is a loaded socket path and a client namespace whose dummy
@@ -362,5 +365,91 @@ func TestAdoptAfterCrash(t *testing.T) {
 	}
 	if _, _, err := dial(f.ns, "127.0.0.1:6001"); err == nil {
 		t.Errorf("the route of a port no longer wanted survived the restart")
+	}
+}
+
+// An IPv6 socket connecting to a v4-mapped loopback address is IPv4
+// loopback traffic: it takes the IPv4 route and reads back the mapped
+// address it asked for.
+func TestV4MappedConnect(t *testing.T) {
+	f := newFixture(t)
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	f.res.set("one", group(1, []netip.AddrPort{b1.addr}))
+	f.apply(map[uint16]string{6000: "one"})
+
+	var fd int
+	var peer unix.Sockaddr
+	err := netns.Do(f.ns, func() error {
+		var err error
+		if fd, err = unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		mapped := netip.MustParseAddr("::ffff:127.0.0.1").As16()
+		if err := unix.Connect(fd, &unix.SockaddrInet6{Port: 6000, Addr: mapped}); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		peer, err = unix.Getpeername(fd)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("connecting to [::ffff:127.0.0.1]:6000: %v", err)
+	}
+	defer unix.Close(fd)
+	sa, ok := peer.(*unix.SockaddrInet6)
+	if !ok || netip.AddrFrom16(sa.Addr) != netip.MustParseAddr("::ffff:127.0.0.1") || sa.Port != 6000 {
+		t.Errorf("getpeername = %#v; want [::ffff:127.0.0.1]:6000", peer)
+	}
+	buf := make([]byte, 64)
+	n, _ := unix.Read(fd, buf)
+	if !strings.HasPrefix(string(buf[:n]), "b1 ") {
+		t.Errorf("answer %q; want b1's", buf[:n])
+	}
+}
+
+// When an answer expires the path asks again, and a changed answer
+// replaces the table.
+func TestRefreshOnExpiry(t *testing.T) {
+	f := newFixture(t)
+	f.res.ttl = 100 * time.Millisecond
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	b2 := startBackend(t, f.ns, "b2", "198.18.201.2:0")
+	f.res.set("moving", group(1, []netip.AddrPort{b1.addr}))
+	f.apply(map[uint16]string{6000: "moving"})
+	if name, _ := mustDial(t, f.ns, "127.0.0.1:6000"); name != "b1" {
+		t.Fatalf("reached %q; want b1", name)
+	}
+	f.res.set("moving", group(1, []netip.AddrPort{b2.addr}))
+	eventually(t, "the new answer serves after the old one expired", func() bool {
+		name, _, _ := dial(f.ns, "127.0.0.1:6000")
+		return name == "b2"
+	})
+}
+
+// The target policy bounds the socket path: a refused endpoint is never
+// written, and a service with nothing allowed stays on the relay.
+func TestTargetPolicy(t *testing.T) {
+	f := newFixture(t)
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	b2 := startBackend(t, f.ns, "b2", "198.18.201.2:0")
+	f.p.cfg.Allowed = func(a netip.Addr) error {
+		if a == b2.addr.Addr() {
+			return fmt.Errorf("%s: refused", a)
+		}
+		return nil
+	}
+	f.res.set("mixed", group(1, []netip.AddrPort{b1.addr, b2.addr}))
+	f.res.set("refused", group(1, []netip.AddrPort{b2.addr}))
+	f.apply(map[uint16]string{6000: "mixed", 6001: "refused"})
+	if s := f.serving(6000, "ipv4"); s.Path != "socket" || len(s.Endpoints) != 1 || s.Endpoints[0] != b1.addr {
+		t.Errorf("port 6000: %+v; want the socket path with %s alone", s, b1.addr)
+	}
+	for range 20 {
+		if name, _ := mustDial(t, f.ns, "127.0.0.1:6000"); name != "b1" {
+			t.Fatalf("reached %q, which the policy refuses", name)
+		}
+	}
+	if s := f.serving(6001, "ipv4"); s.Path != "relay" || !strings.Contains(s.Why, "target policy") {
+		t.Errorf("port 6001: %+v; want the relay, because the target policy refuses everything", s)
 	}
 }
