@@ -97,7 +97,24 @@ type space struct {
 	routes  map[uint16]string
 	ports   map[routeKey]*portState // guarded by Path.mu
 	gone    bool                    // removed; guarded by Path.mu
+	// While a port is on the relay, the namespace is decided again at
+	// recheck: a service may come to resolve, a route may appear.
+	recheck      time.Time
+	recheckEvery time.Duration
 }
+
+// Bounds of the work one namespace can cause.
+const (
+	// maxPortsPerNamespace is how many labelled ports of one namespace the
+	// socket path serves; the rest stay on the relay, so that one tenant
+	// cannot fill the kernel's routes map for all.
+	maxPortsPerNamespace = 256
+	recheckMin           = 5 * time.Second
+	recheckMax           = time.Minute
+	// parallelism bounds the lookups and namespace decisions a refresh
+	// runs at once, so that one slow DNS name does not hold up the rest.
+	parallelism = 8
+)
 
 // portState is how one port of one family is served.
 type portState struct {
@@ -318,7 +335,22 @@ func (p *Path) converge(ctx context.Context, sp *space) error {
 	if sp.gone {
 		return nil
 	}
-	p.install(sp, ds)
+	changed := p.install(sp, ds)
+	relayed := false
+	for _, st := range sp.ports {
+		relayed = relayed || st.table == nil
+	}
+	switch {
+	case !relayed:
+		sp.recheck, sp.recheckEvery = time.Time{}, 0
+	case changed:
+		sp.recheckEvery = recheckMin
+	default:
+		sp.recheckEvery = min(max(2*sp.recheckEvery, recheckMin), recheckMax)
+	}
+	if relayed {
+		sp.recheck = time.Now().Add(sp.recheckEvery)
+	}
 	return nil
 }
 
@@ -339,8 +371,13 @@ func (p *Path) decide(ctx context.Context, sp *space) (map[routeKey]decision, er
 	}
 	answers := map[string]*resolved{}
 	var addrs []netip.Addr
-	for _, svc := range sp.routes {
+	for i, port := range slices.Sorted(maps.Keys(sp.routes)) {
+		svc := sp.routes[port]
 		if answers[svc] != nil {
+			continue
+		}
+		if i >= maxPortsPerNamespace {
+			answers[svc] = &resolved{err: errors.New("not resolved")}
 			continue
 		}
 		r := &resolved{direct: map[netip.AddrPort][]Direct{}}
@@ -374,10 +411,16 @@ func (p *Path) decide(ctx context.Context, sp *space) (map[routeKey]decision, er
 		return nil, err
 	}
 	out := map[routeKey]decision{}
-	for port, svc := range sp.routes {
+	for i, port := range slices.Sorted(maps.Keys(sp.routes)) {
+		svc := sp.routes[port]
 		r := answers[svc]
 		for _, v6 := range []bool{false, true} {
 			d := decision{service: svc, expires: r.ans.Expires, answer: answerSignature(r.ans)}
+			if i >= maxPortsPerNamespace {
+				d.reason = fmt.Sprintf("the namespace has more than %d labelled ports; the socket path serves the lowest %d", maxPortsPerNamespace, maxPortsPerNamespace)
+				out[newRouteKey(sp.cookie, port, v6)] = d
+				continue
+			}
 			if r.err != nil {
 				d.reason = fmt.Sprintf("resolving %s: %v", svc, r.err)
 			} else {
@@ -532,7 +575,7 @@ func answerSignature(ans resolver.Answer) string {
 }
 
 // install makes the kernel serve sp as ds says. Called with p.mu.
-func (p *Path) install(sp *space, ds map[routeKey]decision) {
+func (p *Path) install(sp *space, ds map[routeKey]decision) bool {
 	changed := map[uint16]bool{}
 	for rk, d := range ds {
 		old := sp.ports[rk]
@@ -569,6 +612,7 @@ func (p *Path) install(sp *space, ds map[routeKey]decision) {
 	for _, port := range slices.Sorted(maps.Keys(changed)) {
 		p.logDecision(sp, port)
 	}
+	return len(changed) > 0
 }
 
 // logDecision says in one line which path serves a port of sp, and why;
@@ -812,6 +856,8 @@ func (p *Path) refreshLoop() {
 			p.reconverge(func(*space) bool { return true })
 		case <-tick.C:
 			p.refreshAnswers()
+			now := time.Now()
+			p.reconverge(func(sp *space) bool { return !sp.recheck.IsZero() && !now.Before(sp.recheck) })
 			p.probeDead()
 		}
 	}
@@ -829,8 +875,9 @@ func (p *Path) refreshAnswers() {
 		}
 	}
 	p.mu.Unlock()
+	var smu sync.Mutex
 	stale := map[string]bool{}
-	for _, name := range due {
+	parallel(due, func(name string) {
 		ans, err := p.cfg.Resolver.Answer(p.ctx, name)
 		if err != nil {
 			// The relay beneath logs resolution failures per connection;
@@ -840,12 +887,14 @@ func (p *Path) refreshAnswers() {
 				s.expires = now.Add(p.cfg.RetryMin)
 			}
 			p.mu.Unlock()
-			continue
+			return
 		}
 		if p.noteAnswer(name, ans) {
+			smu.Lock()
 			stale[name] = true
+			smu.Unlock()
 		}
-	}
+	})
 	if len(stale) > 0 {
 		p.reconverge(func(sp *space) bool {
 			return slices.ContainsFunc(slices.Collect(maps.Values(sp.routes)), func(s string) bool { return stale[s] })
@@ -861,15 +910,32 @@ func (p *Path) reconverge(match func(*space) bool) {
 		sps = append(sps, sp)
 	}
 	p.mu.Unlock()
-	for _, sp := range sps {
+	parallel(sps, func(sp *space) {
 		sp.mu.Lock()
+		defer sp.mu.Unlock()
 		if sp.netns != "" && !sp.gone && match(sp) {
 			if err := p.converge(p.ctx, sp); err != nil && p.ctx.Err() == nil {
 				p.log.Warn("refreshing a namespace", "key", short(sp.key), "err", err)
 			}
 		}
-		sp.mu.Unlock()
+	})
+}
+
+// parallel runs fn on every item, at most parallelism at once, and
+// returns when all are done.
+func parallel[T any](items []T, fn func(T)) {
+	sem := make(chan struct{}, parallelism)
+	var wg sync.WaitGroup
+	for _, it := range items {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			fn(it)
+		}()
 	}
+	wg.Wait()
 }
 
 // probeDead starts a probe of every dead endpoint that is due one, from a

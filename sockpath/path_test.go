@@ -453,3 +453,38 @@ func TestTargetPolicy(t *testing.T) {
 		t.Errorf("port 6001: %+v; want the relay, because the target policy refuses everything", s)
 	}
 }
+
+// A service that does not resolve yet stays on the relay, and moves to the
+// socket path once it does, with no new Apply.
+func TestLateService(t *testing.T) {
+	f := newFixture(t)
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	f.apply(map[uint16]string{6000: "late"})
+	if s := f.serving(6000, "ipv4"); s.Path != "relay" {
+		t.Fatalf("an unresolvable service: %+v; want the relay", s)
+	}
+	f.res.set("late", group(1, []netip.AddrPort{b1.addr}))
+	eventually(t, "the service moves to the socket path once it resolves", func() bool {
+		name, _, _ := dial(f.ns, "127.0.0.1:6000")
+		return name == "b1"
+	})
+}
+
+// One namespace gets at most maxPortsPerNamespace ports on the socket path.
+func TestPortsPerNamespaceBound(t *testing.T) {
+	f := newFixture(t)
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	f.res.set("one", group(1, []netip.AddrPort{b1.addr}))
+	routes := map[uint16]string{}
+	for port := uint16(10000); port < 10000+maxPortsPerNamespace+10; port++ {
+		routes[port] = "one"
+	}
+	f.apply(routes)
+	n := map[string]int{}
+	for _, s := range f.p.Status() {
+		n[s.Path]++
+	}
+	if n["socket"] != 2*maxPortsPerNamespace || n["relay"] != 20 {
+		t.Errorf("ports by path (both families): %v; want %d on the socket path, the 20 above the bound on the relay", n, 2*maxPortsPerNamespace)
+	}
+}
