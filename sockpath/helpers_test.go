@@ -209,10 +209,16 @@ func (b *backend) stop() {
 // answer (the backend's name) and the peer address the client's socket
 // reports (getpeername).
 func dial(ns, addr string) (name, peer string, err error) {
+	return dialTimeout(ns, addr, 5*time.Second)
+}
+
+// dialTimeout is dial with a bound on the connect; 0 waits as long as the
+// kernel does.
+func dialTimeout(ns, addr string, timeout time.Duration) (name, peer string, err error) {
 	var c net.Conn
 	err = netns.Do(ns, func() error {
 		var err error
-		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
+		c, err = net.DialTimeout("tcp", addr, timeout)
 		return err
 	})
 	if err != nil {

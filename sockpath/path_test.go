@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -487,4 +488,107 @@ func TestPortsPerNamespaceBound(t *testing.T) {
 	if n["socket"] != 2*maxPortsPerNamespace || n["relay"] != 20 {
 		t.Errorf("ports by path (both families): %v; want %d on the socket path, the 20 above the bound on the relay", n, 2*maxPortsPerNamespace)
 	}
+}
+
+// An endpoint that drops SYNs (a vanished host) is taken out when the
+// first SYN to it times out, about a second in, while that connect still
+// waits; the connects after it go to the live endpoint.
+func TestSYNTimeoutTakesEndpointOut(t *testing.T) {
+	f := newFixture(t)
+	hole := blackholeIn(t, f.ns, "198.18.201.3")
+	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	f.res.set("h", group(1, []netip.AddrPort{hole, b1.addr}))
+	f.apply(map[uint16]string{6000: "h"})
+
+	// Connect until one is sent into the hole, and leave that one
+	// waiting: closing it would count as a failure by itself.
+	for i := 0; ; i++ {
+		if i == 200 {
+			t.Fatal("200 connects and none went to the endpoint that drops SYNs")
+		}
+		if !connectPending(t, f.ns, 6000) {
+			break
+		}
+	}
+	eventually(t, "the endpoint that drops SYNs leaves the table", func() bool {
+		eps := f.serving(6000, "ipv4").Endpoints
+		return len(eps) == 1 && eps[0] == b1.addr
+	})
+	for range 50 {
+		if name, _ := mustDial(t, f.ns, "127.0.0.1:6000"); name != "b1" {
+			t.Fatalf("reached %q once the hole was out", name)
+		}
+	}
+	if !strings.Contains(f.logs.String(), "did not answer a SYN in time") {
+		t.Errorf("no log line says why the endpoint went:\n%s", f.logs)
+	}
+}
+
+// connectPending starts a non-blocking connect to 127.0.0.1:port in ns and
+// reports whether it completed within 200ms. One that did not is left
+// pending, and closed when the test ends.
+func connectPending(t *testing.T, ns string, port int) (done bool) {
+	t.Helper()
+	var fd int
+	err := netns.Do(ns, func() error {
+		var err error
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0); err != nil {
+			return err
+		}
+		err = unix.Connect(fd, &unix.SockaddrInet4{Port: port, Addr: [4]byte{127, 0, 0, 1}})
+		if err != nil && err != unix.EINPROGRESS {
+			unix.Close(fd)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+	if n, _ := unix.Poll(pfd, 200); n > 0 {
+		unix.Close(fd)
+		return true
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return false
+}
+
+// blackholeIn returns an address in ns whose SYNs the kernel drops: a
+// listener with a full accept queue of backlog 0.
+func blackholeIn(t *testing.T, ns, ip string) netip.AddrPort {
+	t.Helper()
+	var fd int
+	var addr netip.AddrPort
+	err := netns.Do(ns, func() error {
+		var err error
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: netip.MustParseAddr(ip).As4()}); err != nil {
+			return err
+		}
+		if err := unix.Listen(fd, 0); err != nil {
+			return err
+		}
+		sa, err := unix.Getsockname(fd)
+		if err != nil {
+			return err
+		}
+		addr = netip.AddrPortFrom(netip.MustParseAddr(ip), uint16(sa.(*unix.SockaddrInet4).Port))
+		// Fill the queue; the kernel drops SYNs once it is full.
+		for i := 0; i < 16; i++ {
+			c, err := net.DialTimeout("tcp4", addr.String(), 300*time.Millisecond)
+			if err != nil {
+				return nil
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+		return fmt.Errorf("dials to %s never started hanging", addr)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return addr
 }
