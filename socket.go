@@ -139,11 +139,13 @@ func sweepWhenSettled(ctx context.Context, p *sockpath.Path, w *docker.Watcher, 
 }
 
 // pathsOf lists the data paths in the order the reconciler applies them:
-// the relay first, so that the socket path is only ever installed over the
-// net beneath it, and removed before it.
+// the socket path first, since its set-up is a few map writes where the
+// relay's runs iptables, so a new container's first connect is served
+// sooner; a connect it does not rewrite needs the relay, which follows at
+// once.
 func pathsOf(srv reconcile.Path, sock *sockpath.Path) []reconcile.Path {
 	if sock == nil {
 		return []reconcile.Path{srv}
 	}
-	return []reconcile.Path{srv, sock}
+	return []reconcile.Path{sock, srv}
 }

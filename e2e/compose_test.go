@@ -88,6 +88,12 @@ func TestComposeRegistrator(t *testing.T) {
 		return err
 	})
 
+	// The app and web share a network, so the socket path serves the
+	// port, at web's own address rather than through the published port.
+	if logs := c.logs("connectable"); !strings.Contains(logs, "path=socket") || !strings.Contains(logs, "published ports reached at their containers") {
+		t.Errorf("the daemon's logs do not say the socket path serves localhost:6000 at web's own address:\n%s", logs)
+	}
+
 	// A second instance, published the same way, joins the rotation.
 	c.run("up", "-d", "--no-color", "--no-recreate", "--scale", "web=2")
 	web = c.ids("web")
@@ -268,6 +274,15 @@ func (c *compose) waitCatalog(want map[string]string) {
 // down removes the project: its containers first, one at a time (see
 // testenv.RemoveContainers), then docker-compose down for the network, then
 // by ID whatever down left.
+// logs returns the logs of a service's containers.
+func (c *compose) logs(service string) string {
+	out, err := c.compose("logs", "--no-color", service)
+	if err != nil {
+		c.t.Errorf("docker-compose logs %s: %v", service, err)
+	}
+	return out
+}
+
 func (c *compose) down() {
 	t := c.t
 	if t.Failed() {

@@ -80,9 +80,9 @@ type Path interface {
 // Config configures a Reconciler. Paths is required.
 type Config struct {
 	// Paths are applied in order and removed in reverse order. List the
-	// safety net first (the relay, which serves every label) and the faster
-	// path that sits over it after (the socket path): the faster one is then
-	// only ever in place over the net, and goes before it.
+	// fastest first (the socket path), so that a new container is served
+	// as early as possible, and the net beneath it after (the relay, which
+	// serves every label).
 	Paths []Path
 	// RetryMin and RetryMax optionally bound the back-off between attempts
 	// of a failing set-up; if zero, 1s and 30s.
