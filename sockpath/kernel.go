@@ -342,6 +342,26 @@ func (k *Kernel) counters() ([]Counter, error) {
 	return out, it.Err()
 }
 
+// clearCounters deletes every counter.
+func (k *Kernel) clearCounters() error {
+	var keys []kernCounterKey
+	var key kernCounterKey
+	var c kernEndpointCounters
+	it := k.objs.Counters.Iterate()
+	for it.Next(&key, &c) {
+		keys = append(keys, key)
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for _, key := range keys {
+		if err := k.objs.Counters.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
 func (k *Kernel) ensureCounter(service uint32, ap netip.AddrPort) error {
 	err := k.objs.Counters.Update(kernCounterKey{Service: service, Ep: endpoint(ap)}, kernEndpointCounters{}, ebpf.UpdateNoExist)
 	if errors.Is(err, ebpf.ErrKeyExist) {

@@ -213,6 +213,11 @@ func (p *Path) adopt() error {
 		p.leftTables[id] = true
 		p.ids[id] = true
 	}
+	// The counters restart with the daemon, like every other counter of
+	// it: the service numbers they are keyed by were the previous run's.
+	if err := p.k.clearCounters(); err != nil {
+		return fmt.Errorf("clearing the counters: %w", err)
+	}
 	dead, err := p.k.deadEndpoints()
 	if err != nil {
 		return fmt.Errorf("reading the dead endpoints: %w", err)

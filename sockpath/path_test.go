@@ -361,6 +361,10 @@ func TestAdoptAfterCrash(t *testing.T) {
 	if len(ids) != 1 {
 		t.Errorf("tables after the restart: %v; want one", ids)
 	}
+	cs, _ := f.p.k.counters()
+	if len(cs) != 1 || cs[0].Endpoint != b1.addr || cs[0].Connects != 0 {
+		t.Errorf("counters after the restart: %+v; want one, fresh, for %s", cs, b1.addr)
+	}
 	if name, _ := mustDial(t, f.ns, "127.0.0.1:6000"); name != "b1" {
 		t.Errorf("after the restart 127.0.0.1:6000 reached %q; want b1", name)
 	}
