@@ -98,13 +98,15 @@ func ensureBPFFS(dir string) error {
 type enginePorts struct{ t *docker.PortTable }
 
 func (e enginePorts) Direct(ctx context.Context, ep netip.AddrPort) ([]sockpath.Direct, error) {
-	ds, _, err := e.t.Lookup(ctx, ep)
+	ds, _, err := e.t.Cached(ctx, ep)
 	out := make([]sockpath.Direct, 0, len(ds))
 	for _, d := range ds {
 		out = append(out, sockpath.Direct{Addr: d.Addr, Subnet: d.Subnet})
 	}
 	return out, err
 }
+
+func (e enginePorts) Refresh(ctx context.Context) error { return e.t.Refresh(ctx) }
 
 func (e enginePorts) Changed() <-chan struct{} { return e.t.Changed() }
 

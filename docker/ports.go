@@ -165,6 +165,38 @@ func (p *PortTable) Lookup(ctx context.Context, ep netip.AddrPort) (direct []Dir
 	if err != nil {
 		return nil, false, err
 	}
+	direct, ok = l.lookup(ep)
+	return direct, ok, nil
+}
+
+// Cached is Lookup answered from the latest listing, however old or
+// invalidated, so that it waits for the engine only before the first
+// listing. A caller that must not wait (a container's set-up) uses it, and
+// asks again after Changed, having called Refresh.
+func (p *PortTable) Cached(ctx context.Context, ep netip.AddrPort) (direct []Direct, ok bool, err error) {
+	p.mu.Lock()
+	l := p.cur
+	p.mu.Unlock()
+	if l == nil {
+		return p.Lookup(ctx, ep)
+	}
+	direct, ok = l.lookup(ep)
+	return direct, ok, nil
+}
+
+// Refresh makes the cached listing current (listing again if it is older
+// than portsMaxAge or invalidated); Changed follows if it differs.
+func (p *PortTable) Refresh(ctx context.Context) error {
+	_, err := p.listing(ctx)
+	return err
+}
+
+// lookup answers Lookup from l.
+func (l *portListing) lookup(ep netip.AddrPort) (direct []Direct, ok bool) {
+	addr := ep.Addr().Unmap()
+	if !addr.IsValid() || ep.Port() == 0 {
+		return nil, false
+	}
 	_, isHost := slices.BinarySearchFunc(l.hosts, addr, netip.Addr.Compare)
 	i, _ := slices.BinarySearchFunc(l.entries, ep.Port(), func(e portEntry, port uint16) int { return cmp.Compare(e.public, port) })
 	for ; i < len(l.entries) && l.entries[i].public == ep.Port(); i++ {
@@ -183,7 +215,7 @@ func (p *PortTable) Lookup(ctx context.Context, ep netip.AddrPort) (direct []Dir
 	}
 	slices.SortFunc(direct, compareDirect)
 	// A port published on 0.0.0.0 and on "" (Podman) matches twice.
-	return slices.Compact(direct), ok, nil
+	return slices.Compact(direct), ok
 }
 
 // listing returns a listing no older than portsMaxAge and started after

@@ -510,3 +510,38 @@ func TestPortTableRealEngine(t *testing.T) {
 		t.Errorf("after removal: Lookup(%s) = %v, %v, %v; want not published", ep, ds, ok, err)
 	}
 }
+
+// Cached never waits for a listing once there is one, and Refresh brings
+// it up to date.
+func TestPortTableCached(t *testing.T) {
+	f := newFakeEngine()
+	id := f.add("web", "", nil)
+	f.publish(t, id, map[string][]string{"app": {"198.18.214.5/24"}}, "0.0.0.0:32768->80/tcp")
+	p, _, _ := newFakePortTable(t, f)
+	ctx := context.Background()
+	ep := netip.MustParseAddrPort("192.0.2.10:32768")
+	cached := func() string {
+		t.Helper()
+		ds, ok, err := p.Cached(ctx, ep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return directs(ds, ok)
+	}
+	want := "[198.18.214.5:80 198.18.214.0/24 " + id[:12] + "]"
+	if got := cached(); got != want {
+		t.Fatalf("first Cached = %s; want web's address (it lists when there is no listing)", got)
+	}
+	n := f.listCount()
+	f.remove(id)
+	p.Invalidate()
+	if got := cached(); got != want || f.listCount() != n {
+		t.Errorf("Cached after Invalidate = %s with %d more listings; want the old answer and no listing", got, f.listCount()-n)
+	}
+	if err := p.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := cached(); got != "not published" {
+		t.Errorf("Cached after Refresh = %s; want not published", got)
+	}
+}

@@ -38,8 +38,12 @@ type Direct struct {
 // Ports tells which endpoints are ports published by this host's engine,
 // and which container address serves each.
 type Ports interface {
+	// Direct answers from what is known now, without waiting for the
+	// engine: a set-up must not wait for a listing of every container.
 	Direct(ctx context.Context, ep netip.AddrPort) ([]Direct, error)
-	// Changed receives after the published ports changed.
+	// Refresh brings what Direct knows up to date.
+	Refresh(ctx context.Context) error
+	// Changed receives when the published ports may have changed.
 	Changed() <-chan struct{}
 }
 
@@ -850,14 +854,23 @@ func (p *Path) refreshLoop() {
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	var changed <-chan struct{}
+	var relist <-chan time.Time
 	if p.cfg.Ports != nil {
 		changed = p.cfg.Ports.Changed()
+		// Events are hints: the engine's listing is also asked for now
+		// and then, and Changed follows if it differs.
+		t := time.NewTicker(10 * time.Second)
+		defer t.Stop()
+		relist = t.C
 	}
 	for {
 		select {
 		case <-p.ctx.Done():
 			return
+		case <-relist:
+			p.refreshPorts()
 		case <-changed:
+			p.refreshPorts()
 			p.reconverge(func(*space) bool { return true })
 		case <-tick.C:
 			p.refreshAnswers()
@@ -865,6 +878,12 @@ func (p *Path) refreshLoop() {
 			p.reconverge(func(sp *space) bool { return !sp.recheck.IsZero() && !now.Before(sp.recheck) })
 			p.probeDead()
 		}
+	}
+}
+
+func (p *Path) refreshPorts() {
+	if err := p.cfg.Ports.Refresh(p.ctx); err != nil && p.ctx.Err() == nil {
+		p.log.Warn("listing the engine's published ports", "err", err)
 	}
 }
 
