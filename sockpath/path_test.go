@@ -197,11 +197,28 @@ func TestPriorityAndDeadEndpoint(t *testing.T) {
 	// there is no proxy to retry), and takes b1 out of the table.
 	addr1 := b1.addr.String()
 	b1.stop()
+	killed := time.Now()
+	var firstFailure, lastFailure time.Time
+	var rewritten time.Duration
 	failures := 0
 	for range 200 {
 		name, _, err := dial(f.ns, "127.0.0.1:6000")
 		if err != nil {
 			failures++
+			lastFailure = time.Now()
+			if firstFailure.IsZero() {
+				firstFailure = lastFailure
+				for {
+					if eps := f.serving(6000, "ipv4").Endpoints; len(eps) == 1 && eps[0] == b2.addr {
+						break
+					}
+					if time.Since(firstFailure) > 10*time.Second {
+						t.Fatal("b1 never left the table")
+					}
+					time.Sleep(100 * time.Microsecond)
+				}
+				rewritten = time.Since(firstFailure)
+			}
 		} else if name != "b2" {
 			t.Fatalf("connect answered by %q; want b2 while b1 is dead", name)
 		}
@@ -210,10 +227,11 @@ func TestPriorityAndDeadEndpoint(t *testing.T) {
 		t.Errorf("%d connects failed after b1 died; want at most the one that found it dead", failures)
 	}
 	if failures == 1 {
-		eventually(t, "b1 leaves the table", func() bool {
-			eps := f.serving(6000, "ipv4").Endpoints
-			return len(eps) == 1 && eps[0] == b2.addr
-		})
+		// A measurement for the record, not a bound: the machine may be
+		// loaded. The kernel's mark took effect before the failed connect
+		// returned; this is when the daemon's rewrite was seen.
+		t.Logf("b1 killed: %d of 200 connects failed, the last %v after the kill; the table was rewritten without it %v after the failure",
+			failures, lastFailure.Sub(killed).Round(time.Microsecond), rewritten.Round(time.Microsecond))
 		if !strings.Contains(f.logs.String(), "endpoint taken out of the socket path") {
 			t.Errorf("no log line names the dead endpoint:\n%s", f.logs)
 		}
