@@ -29,6 +29,7 @@ import (
 // Addresses (198.18.0.0/15, the benchmarking range) and ports. Only the
 // namespaces this program creates, and the client container's, hold them.
 const (
+	hostNet      = "198.19.77.0/30"
 	hostAddr     = "198.19.77.1" // bench-host end of the host–backend veth
 	beHostAddr   = "198.19.77.2" // backend end of it: what the SRV records name
 	clientAddr   = "198.19.77.5" // client container's end of the client–backend veth
@@ -59,8 +60,9 @@ type contender struct {
 	name             string
 	web, iperf, hold string        // host:port as the client namespace sees them
 	pids             func() []int  // processes whose memory counts; nil: direct
-	proc             func() *proc  // the process to check is alive; nil: direct
+	proc             func() *proc  // the process to check is alive; nil: direct or not running
 	config           func() string // one line on how it is configured
+	daemon           string        // the connectable daemon it needs: relayDaemon, socketDaemon or ""
 }
 
 // bench is one run: its world and its results.
@@ -85,10 +87,16 @@ type bench struct {
 	clientPID int
 	clientNS  string // /proc/<pid>/ns/net of the client container
 
-	connectable, haproxy, nginx, iperf *proc
-	hold                               *holder
-	hits                               *firstHits
-	contenders                         []contender
+	haproxy, nginx, iperf *proc
+	hold                  *holder
+	hits                  *firstHits
+	contenders            []contender
+
+	daemon     *proc  // the connectable daemon running, if any
+	daemonKind string // relayDaemon or socketDaemon
+	daemonRuns int    // daemons started, to name their logs
+	mvNet      string // the socket contender's macvlan Docker network
+	abComplete int    // requests the last ab run completed
 
 	res results
 }
@@ -256,15 +264,28 @@ func (b *bench) setup(ctx context.Context) error {
 	if err := b.backends(ctx); err != nil {
 		return err
 	}
-	if err := b.dnsAndDaemon(ctx); err != nil {
+	if err := b.dns(ctx); err != nil {
 		return err
+	}
+	if b.cfg.contenders[socketContender] {
+		if err := b.mountsForSocket(); err != nil {
+			return err
+		}
 	}
 	if err := b.client(ctx); err != nil {
 		return err
 	}
+	if b.cfg.contenders[socketContender] && b.cfg.workloads["setup"] {
+		if err := b.macvlan(ctx); err != nil {
+			return err
+		}
+	}
 	if err := b.proxies(ctx); err != nil {
 		return err
 	}
+	// Stopped before the namespaces and mounts go (clean-ups run last
+	// registered first), so the socket daemon detaches and unpins itself.
+	b.onCleanup("connectable daemon", b.stopDaemon)
 	return b.check(ctx)
 }
 
@@ -354,8 +375,8 @@ func (b *bench) restartIperf(ctx context.Context) error {
 	return waitTCP(ctx, nsPath(b.beNS), fmt.Sprintf("127.0.0.1:%d", iperfPort), 15*time.Second)
 }
 
-// dnsAndDaemon starts dnsmasq and connectable in the bench-host namespace.
-func (b *bench) dnsAndDaemon(ctx context.Context) error {
+// dns starts dnsmasq in the bench-host namespace, where the daemons run.
+func (b *bench) dns(ctx context.Context) error {
 	args := []string{"ip", "netns", "exec", b.hostNS, "dnsmasq", "--keep-in-foreground", "--no-resolv",
 		"--no-hosts", "--conf-file=/dev/null", "--listen-address=127.0.0.1", "--bind-interfaces",
 		"--user=root", "--pid-file=", "--log-facility=-", "--port=53",
@@ -369,20 +390,7 @@ func (b *bench) dnsAndDaemon(ctx context.Context) error {
 	if err := waitTCP(ctx, nsPath(b.hostNS), "127.0.0.1:53", 15*time.Second); err != nil {
 		return fmt.Errorf("dnsmasq: %w", err)
 	}
-	var err error
-	argv := []string{"ip", "netns", "exec", b.hostNS, b.cfg.connectable,
-		"--dns", "127.0.0.1:53", "--iptables", "nft", "--admin", "", "--drain-timeout", "1s"}
-	// The memory workload holds 2000 idle connections through one
-	// namespace, above the default cap where the hard file limit is 20000.
-	// An environment variable, not a flag, so that builds from before the
-	// cap existed can be measured with the same harness.
-	// env execs ip, which execs connectable: still one PID to measure.
-	env := []string{"env", "CONNECTABLE_MAX_CONNS_PER_NAMESPACE=4096"}
-	if b.cfg.gomaxprocs > 0 {
-		env = append(env, fmt.Sprintf("GOMAXPROCS=%d", b.cfg.gomaxprocs))
-	}
-	b.connectable, err = b.start("connectable", append(env, argv...)...)
-	return err
+	return nil
 }
 
 // client starts the labelled client container and gives it its veth to the
@@ -417,6 +425,11 @@ func (b *bench) client(ctx context.Context) error {
 		append(in, "ip", "addr", "add", clientAddr+"/30", "dev", vc),
 		append(in, "ip", "link", "set", vc, "up"),
 		append(in, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"),
+		// The SRV records name the backend's other address; this route is
+		// what lets the socket path send the client's connects straight
+		// there, over the same veth direct uses. The relay dials from the
+		// bench-host namespace and never takes it.
+		append(in, "ip", "route", "add", hostNet, "via", beClientAddr),
 	)
 }
 
@@ -440,6 +453,12 @@ func (b *bench) proxies(ctx context.Context) error {
 		return err
 	}
 	hp := func(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
+	procs := func() string {
+		if b.cfg.gomaxprocs > 0 {
+			return fmt.Sprintf("GOMAXPROCS=%d", b.cfg.gomaxprocs)
+		}
+		return "GOMAXPROCS unset (connectable's default: half the CPUs, at least 1)"
+	}
 	b.contenders = []contender{
 		{name: "direct", web: fmt.Sprintf("%s:%d", beClientAddr, webPort), iperf: fmt.Sprintf("%s:%d", beClientAddr, iperfPort),
 			hold:   fmt.Sprintf("%s:%d", beClientAddr, holdPort),
@@ -454,14 +473,18 @@ func (b *bench) proxies(ctx context.Context) error {
 			config: func() string {
 				return "stream module, worker_processes auto (master + workers counted), no access log, error_log at level error, defaults otherwise"
 			}},
-		{name: "connectable", web: hp(cWeb), iperf: hp(cIperf), hold: hp(cHold),
-			pids: func() []int { return tree(b.connectable.pid()) }, proc: func() *proc { return b.connectable },
+		{name: "connectable", web: hp(cWeb), iperf: hp(cIperf), hold: hp(cHold), daemon: relayDaemon,
+			pids: func() []int { return tree(b.daemon.pid()) }, proc: func() *proc { return b.running(relayDaemon) },
 			config: func() string {
-				procs := "GOMAXPROCS unset (connectable's default: half the CPUs, at least 1)"
-				if b.cfg.gomaxprocs > 0 {
-					procs = fmt.Sprintf("GOMAXPROCS=%d", b.cfg.gomaxprocs)
-				}
-				return "reached through localhost:<labelled port> and its REDIRECT; SRV records from dnsmasq; --iptables nft, log level info, " + procs
+				return "reached through localhost:<labelled port> and its REDIRECT; SRV records from dnsmasq; --iptables nft, log level info, " + procs()
+			}},
+		{name: socketContender, web: hp(cWeb), iperf: hp(cIperf), hold: hp(cHold), daemon: socketDaemon,
+			pids: func() []int { return tree(b.daemon.pid()) }, proc: func() *proc { return b.running(socketDaemon) },
+			config: func() string {
+				return fmt.Sprintf("the same daemon with --datapath socket (pins on a bpffs of the run's own, admin on %s "+
+					"of the bench-host namespace): its eBPF programs send the client's connect() to localhost:<labelled port> straight to the endpoint "+
+					"(the client namespace routes %s over its veth to the backend), the relay beneath as fallback; checked through /status "+
+					"and connectable_socket_connects_total after every start and run; %s", adminAddr, hostNet, procs())
 			}},
 	}
 	var chosen []contender
@@ -474,10 +497,37 @@ func (b *bench) proxies(ctx context.Context) error {
 	return nil
 }
 
+// procOf returns c's process if it runs.
+func procOf(c contender) *proc {
+	if c.proc == nil {
+		return nil
+	}
+	return c.proc()
+}
+
+// running returns the daemon if it is of kind.
+func (b *bench) running(kind string) *proc {
+	if b.daemonKind == kind {
+		return b.daemon
+	}
+	return nil
+}
+
+// prepare starts the daemon c needs, unless it runs already.
+func (b *bench) prepare(ctx context.Context, c contender) error {
+	if c.daemon == "" {
+		return nil
+	}
+	return b.useDaemon(ctx, c.daemon)
+}
+
 // check waits until every contender serves the 1 KiB body, so a broken set-up
 // fails in seconds rather than as a table of zeros.
 func (b *bench) check(ctx context.Context) error {
 	for _, c := range b.contenders {
+		if err := b.prepare(ctx, c); err != nil {
+			return err
+		}
 		deadline := time.Now().Add(30 * time.Second)
 		for {
 			n, err := httpGet(b.clientNS, c.web)
@@ -487,8 +537,8 @@ func (b *bench) check(ctx context.Context) error {
 			if err == nil {
 				err = fmt.Errorf("body of %d bytes, want %d", n, bodySize)
 			}
-			if c.proc != nil && c.proc().exited() {
-				return fmt.Errorf("%s exited: %v (see %s)", c.name, c.proc().err, filepath.Join(b.dir, c.proc().name+".log"))
+			if p := procOf(c); p != nil && p.exited() {
+				return fmt.Errorf("%s exited: %v (see %s)", c.name, p.err, filepath.Join(b.dir, p.name+".log"))
 			}
 			if time.Now().After(deadline) || ctx.Err() != nil {
 				return fmt.Errorf("%s does not serve %s: %w", c.name, c.web, err)
@@ -648,6 +698,19 @@ func (h *holder) serve() {
 	}
 }
 
+// from counts the held connections whose peer address is ip.
+func (h *holder) from(ip string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for c := range h.conns {
+		if host, _, err := net.SplitHostPort(c.RemoteAddr().String()); err == nil && host == ip {
+			n++
+		}
+	}
+	return n
+}
+
 func (h *holder) count() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -667,10 +730,11 @@ func (h *holder) close() {
 // firstHits is an HTTP server that records when each path was first asked
 // for: the moment a new container's first request came through.
 type firstHits struct {
-	srv  *http.Server
-	mu   sync.Mutex
-	seen map[string]time.Time
-	done chan struct{}
+	srv    *http.Server
+	mu     sync.Mutex
+	seen   map[string]time.Time
+	direct map[string]time.Time // first asked for from anywhere but the relay
+	done   chan struct{}
 }
 
 func startFirstHits(ns, addr string) (*firstHits, error) {
@@ -682,7 +746,7 @@ func startFirstHits(ns, addr string) (*firstHits, error) {
 	if err != nil {
 		return nil, fmt.Errorf("first-hit recorder: %w", err)
 	}
-	f := &firstHits{seen: map[string]time.Time{}, done: make(chan struct{})}
+	f := &firstHits{seen: map[string]time.Time{}, direct: map[string]time.Time{}, done: make(chan struct{})}
 	f.srv = &http.Server{Handler: f, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		defer close(f.done)
@@ -693,12 +757,29 @@ func startFirstHits(ns, addr string) (*firstHits, error) {
 
 func (f *firstHits) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
+	// The relay dials from the bench-host namespace's address; the socket
+	// path's connects come from the container's own.
+	host, _, _ := net.SplitHostPort(r.RemoteAddr)
+	via := "relay"
 	f.mu.Lock()
 	if _, ok := f.seen[r.URL.Path]; !ok {
 		f.seen[r.URL.Path] = now
 	}
+	if host != hostAddr {
+		via = "direct"
+		if _, ok := f.direct[r.URL.Path]; !ok {
+			f.direct[r.URL.Path] = now
+		}
+	}
 	f.mu.Unlock()
-	_, _ = io.WriteString(w, "ok\n")
+	_, _ = io.WriteString(w, via+"\n")
+}
+
+func (f *firstHits) directAt(path string) (time.Time, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	t, ok := f.direct[path]
+	return t, ok
 }
 
 func (f *firstHits) at(path string) (time.Time, bool) {
@@ -719,10 +800,10 @@ func (b *bench) printPause() {
 	logf("paused; Ctrl-C cleans up. Client namespace: nsenter --net=%s <tool>", b.clientNS)
 	for _, c := range b.contenders {
 		pids := ""
-		if c.pids != nil {
+		if c.pids != nil && (c.daemon == "" || c.daemon == b.daemonKind) {
 			pids = fmt.Sprintf(", pids %v", c.pids())
 		}
-		logf("  %-11s web %s, iperf3 %s, hold %s%s", c.name, c.web, c.iperf, c.hold, pids)
+		logf("  %-18s web %s, iperf3 %s, hold %s%s", c.name, c.web, c.iperf, c.hold, pids)
 	}
-	logf("  connectable runs in namespace %s (ip netns exec %s ...)", b.hostNS, b.hostNS)
+	logf("  connectable (%s daemon) runs in namespace %s (nsenter --net=%s ...); the other contender's daemon is not running", b.daemonKind, b.hostNS, nsPath(b.hostNS))
 }

@@ -64,6 +64,9 @@ type config struct {
 
 var allWorkloads = []string{"ab", "wrk", "iperf", "mem", "setup"}
 
+// socketContender is connectable with --datapath socket.
+const socketContender = "connectable socket"
+
 func parseFlags(args []string) (*config, error) {
 	c := &config{}
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
@@ -75,12 +78,13 @@ func parseFlags(args []string) (*config, error) {
 	rounds := fs.Int("rounds", 0, "rounds of the throughput workloads (0: 5, or 2 with --quick)")
 	conns := fs.Int("conns", 0, "idle connections held through each proxy (0: 2000)")
 	workloads := fs.String("workloads", strings.Join(allWorkloads, ","), "workloads to run: "+strings.Join(allWorkloads, ","))
-	contenders := fs.String("contenders", "direct,HAProxy,nginx,connectable", "contenders to measure (direct is always measured: ratios need it)")
+	contenders := fs.String("contenders", "direct,HAProxy,nginx,connectable,"+socketContender, "contenders to measure (direct is always measured: ratios need it)")
 	fs.BoolVar(&c.pause, "pause", false, "set up, print how to reach each contender, then wait for Ctrl-C instead of measuring (for profiling by hand)")
 	fs.DurationVar(&c.lockWait, "lock-wait", 15*time.Minute, "how long to wait for another run's connectable daemon to finish")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: bench [options]   (as root, from the repository root)\n\n"+
-			"Measures direct, HAProxy (TCP mode), nginx (stream) and connectable with ab (a new\n"+
+			"Measures direct, HAProxy (TCP mode), nginx (stream) and connectable (relay and socket\n"+
+			"data paths) with ab (a new\n"+
 			"connection per request), wrk (keep-alive), iperf3 (bulk), idle connections' memory and\n"+
 			"set-up latency; prints a Markdown report and writes it under -out.\n\nOptions:\n")
 		fs.PrintDefaults()
@@ -127,10 +131,10 @@ func parseFlags(args []string) (*config, error) {
 		n = strings.TrimSpace(n)
 		switch n {
 		case "":
-		case "direct", "HAProxy", "nginx", "connectable":
+		case "direct", "HAProxy", "nginx", "connectable", socketContender:
 			c.contenders[n] = true
 		default:
-			return nil, fmt.Errorf("unknown contender %q (known: direct, HAProxy, nginx, connectable)", n)
+			return nil, fmt.Errorf("unknown contender %q (known: direct, HAProxy, nginx, connectable, %s)", n, socketContender)
 		}
 	}
 	return c, nil

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -19,6 +20,15 @@ const (
 	targetSetupMed  = 50 * time.Millisecond
 	targetSetupMax  = 200 * time.Millisecond
 	targetBurst     = 10 * time.Second
+)
+
+// Targets of the socket data path (issue 14): the kernel hands the
+// application's own connection to the endpoint, so it should cost next to
+// nothing over direct.
+const (
+	targetSocketRatio    = 0.95 // × direct, for new connections, keep-alive and bulk
+	targetSocketIdleKiB  = 0.5  // daemon growth per idle connection: noise, not a relay
+	targetSocketSetupMed = 5 * time.Millisecond
 )
 
 // row is one line of the main table.
@@ -43,7 +53,7 @@ func (b *bench) report() string {
 	fmt.Fprintf(&w, "- Mode: %s: %d rounds (contenders interleaved, order rotated each round), ab %v, wrk %v, iperf3 %v (+1 s omitted) per run; %d idle connections; set-up %d one by one, %d at once\n",
 		mode, b.cfg.rounds, b.cfg.abDur, b.cfg.wrkDur, b.cfg.iperfDur, b.cfg.conns, b.cfg.seq, b.cfg.burst)
 	fmt.Fprintf(&w, "- Command: `%s`; took %v\n", strings.Join(os.Args, " "), b.elapsed.Round(time.Second))
-	fmt.Fprintf(&w, "- Client: ab, wrk and iperf3 of the host, run with nsenter in the network namespace of a labelled busybox container (--network none plus one veth to the backend namespace)\n\n")
+	fmt.Fprintf(&w, "- Client: ab, wrk and iperf3 of the host, run with nsenter in the network namespace of a labelled busybox container (--network none plus one veth to the backend namespace, and a route over it to the endpoints' /30)\n\n")
 
 	fmt.Fprintf(&w, "## Results\n\nMedian (min–max) over the rounds; × = ratio of medians to direct.\n\n")
 	names := []string{}
@@ -58,8 +68,8 @@ func (b *bench) report() string {
 		{"Keep-alive latency p50, ms", b.res.wrkP50, "%.2f", nil},
 		{"Keep-alive latency p99, ms", b.res.wrkP99, "%.2f", nil},
 		{"Bulk (iperf3, 1 stream), Gbit/s", b.res.iperfGbps, "%.2f", nil},
-		{fmt.Sprintf("Idle relayed connection, KiB Pss each (%d held)", b.cfg.conns), b.res.memPSS, "%.1f", direct},
-		{"Idle relayed connection, KiB Rss each", b.res.memRSS, "%.1f", direct},
+		{fmt.Sprintf("Idle connection, proxy's growth, KiB Pss each (%d held)", b.cfg.conns), b.res.memPSS, "%.1f", direct},
+		{"Idle connection, proxy's growth, KiB Rss each", b.res.memRSS, "%.1f", direct},
 	}
 	for _, r := range rows {
 		if len(r.s) == 0 {
@@ -91,20 +101,47 @@ func (b *bench) report() string {
 	}
 	w.WriteString("\n")
 
-	if len(b.res.seq) > 0 || b.res.burst != nil {
-		w.WriteString("## Set-up latency (connectable)\n\n| Measure | Value |\n|---|---:|\n")
-		if len(b.res.seq) > 0 {
-			s := sortedDurations(b.res.seq)
-			fmt.Fprintf(&w, "| %d containers one by one: docker run returned → first request served, median | %s |\n", len(s), ms(durMedian(s)))
-			fmt.Fprintf(&w, "| … worst | %s |\n| … best | %s |\n", ms(s[len(s)-1]), ms(s[0]))
+	var seqNames []string
+	for _, c := range b.contenders {
+		if len(b.res.seq[c.name]) > 0 {
+			seqNames = append(seqNames, c.name)
 		}
-		if br := b.res.burst; br != nil {
-			fmt.Fprintf(&w, "| %d containers started at once: first start call → all served | %s (%d of %d served) |\n", br.n, sec(br.allServed), br.served, br.n)
-			fmt.Fprintf(&w, "| … of which the engine took to start them all | %s |\n", sec(br.allStarted))
-			if len(br.lag) > 0 {
-				fmt.Fprintf(&w, "| … each container: its start returned → first request served, median / worst | %s / %s |\n",
-					ms(durMedian(br.lag)), ms(br.lag[len(br.lag)-1]))
+	}
+	if len(seqNames) > 0 {
+		fmt.Fprintf(&w, "## Set-up latency\n\n| Measure | %s |\n|---|%s\n", strings.Join(seqNames, " | "), strings.Repeat("---:|", len(seqNames)))
+		cells := func(f func(s []time.Duration) string) string {
+			var out []string
+			for _, n := range seqNames {
+				out = append(out, f(sortedDurations(b.res.seq[n])))
 			}
+			return strings.Join(out, " | ")
+		}
+		fmt.Fprintf(&w, "| containers one by one: docker run returned → first request served, median | %s |\n", cells(func(s []time.Duration) string { return ms(durMedian(s)) }))
+		fmt.Fprintf(&w, "| … p90 | %s |\n", cells(func(s []time.Duration) string { return ms(pct(s, 0.9)) }))
+		fmt.Fprintf(&w, "| … worst | %s |\n| … best | %s |\n", cells(func(s []time.Duration) string { return ms(s[len(s)-1]) }),
+			cells(func(s []time.Duration) string { return ms(s[0]) }))
+		fmt.Fprintf(&w, "| … served | %s |\n", cells(func(s []time.Duration) string { return fmt.Sprintf("%d of %d", len(s), b.cfg.seq) }))
+		if len(b.res.seqSocket) > 0 {
+			s := sortedDurations(b.res.seqSocket)
+			var out []string
+			for _, n := range seqNames {
+				if n == socketContender {
+					out = append(out, fmt.Sprintf("%s / %s", ms(durMedian(s)), ms(pct(s, 0.9))))
+				} else {
+					out = append(out, "n/a")
+				}
+			}
+			fmt.Fprintf(&w, "| … until the first request the socket path served (not the relay beneath), median / p90 | %s |\n", strings.Join(out, " | "))
+		}
+		w.WriteString("\n")
+	}
+	if br := b.res.burst; br != nil {
+		w.WriteString("## Many containers at once (connectable, relay)\n\n| Measure | Value |\n|---|---:|\n")
+		fmt.Fprintf(&w, "| %d containers started at once: first start call → all served | %s (%d of %d served) |\n", br.n, sec(br.allServed), br.served, br.n)
+		fmt.Fprintf(&w, "| … of which the engine took to start them all | %s |\n", sec(br.allStarted))
+		if len(br.lag) > 0 {
+			fmt.Fprintf(&w, "| … each container: its start returned → first request served, median / worst | %s / %s |\n",
+				ms(durMedian(br.lag)), ms(br.lag[len(br.lag)-1]))
 		}
 		w.WriteString("\n")
 	}
@@ -115,7 +152,7 @@ func (b *bench) report() string {
 	for _, c := range b.contenders {
 		fmt.Fprintf(&w, "- **%s**: %s\n", c.name, c.config())
 	}
-	fmt.Fprintf(&w, "- backend: nginx (worker_processes auto, no access log, keep-alive without a request limit) returning a fixed %d-byte body; iperf3 -s; all in a namespace of their own, one veth hop from the client namespace (direct, HAProxy, nginx) and from connectable's namespace\n\n", bodySize)
+	fmt.Fprintf(&w, "- backend: nginx (worker_processes auto, no access log, keep-alive without a request limit) returning a fixed %d-byte body; iperf3 -s; all in a namespace of their own, one veth hop from the client namespace (direct, HAProxy, nginx, connectable socket) and from connectable's namespace (the relay dials from there)\n\n", bodySize)
 
 	w.WriteString("## Versions\n\n| Program | Version |\n|---|---|\n")
 	for _, v := range b.versions {
@@ -148,12 +185,21 @@ func (b *bench) report() string {
 		}
 		w.WriteString("\n")
 	}
-	if len(b.res.seq) > 0 {
+	for _, n := range names {
+		if v := b.res.seq[n]; len(v) > 0 {
+			parts := []string{}
+			for _, d := range v {
+				parts = append(parts, ms(d))
+			}
+			fmt.Fprintf(&w, "- set-up one by one through %s, in start order: %s\n", n, strings.Join(parts, " "))
+		}
+	}
+	if len(b.res.seqSocket) > 0 {
 		parts := []string{}
-		for _, d := range b.res.seq {
+		for _, d := range b.res.seqSocket {
 			parts = append(parts, ms(d))
 		}
-		fmt.Fprintf(&w, "- set-up one by one, in start order: %s\n", strings.Join(parts, " "))
+		fmt.Fprintf(&w, "- set-up one by one through %s, until the socket path served, in start order: %s\n", socketContender, strings.Join(parts, " "))
 	}
 	return w.String()
 }
@@ -201,14 +247,63 @@ func (b *bench) targets() string {
 		m := median(v)
 		line(fmt.Sprintf("Idle relayed connection ≤ %.0f KiB", targetIdleKiB), fmt.Sprintf("%.1f KiB Pss (%.1f KiB Rss)", m, median(b.res.memRSS["connectable"])), m <= targetIdleKiB)
 	}
-	if len(b.res.seq) > 0 {
-		s := sortedDurations(b.res.seq)
-		line(fmt.Sprintf("Set-up median ≤ %s", ms(targetSetupMed)), ms(durMedian(s)), durMedian(s) <= targetSetupMed && len(b.res.seq) == b.cfg.seq)
-		line(fmt.Sprintf("Set-up worst ≤ %s", ms(targetSetupMax)), ms(s[len(s)-1]), s[len(s)-1] <= targetSetupMax && len(b.res.seq) == b.cfg.seq)
+	if seq := b.res.seq["connectable"]; len(seq) > 0 {
+		s := sortedDurations(seq)
+		line(fmt.Sprintf("Set-up median ≤ %s", ms(targetSetupMed)), ms(durMedian(s)), durMedian(s) <= targetSetupMed && len(seq) == b.cfg.seq)
+		line(fmt.Sprintf("Set-up worst ≤ %s", ms(targetSetupMax)), ms(s[len(s)-1]), s[len(s)-1] <= targetSetupMax && len(seq) == b.cfg.seq)
 	}
 	if br := b.res.burst; br != nil {
 		line(fmt.Sprintf("%d containers at once all served ≤ %s", br.n, sec(targetBurst)),
 			fmt.Sprintf("%s (the engine's part: %s)", sec(br.allServed), sec(br.allStarted)), br.served == br.n && br.allServed <= targetBurst)
+	}
+	w.WriteString("\n")
+	if b.cfg.contenders[socketContender] {
+		w.WriteString(b.socketTargets())
+	}
+	return w.String()
+}
+
+// socketTargets checks the socket data path's targets against the medians.
+func (b *bench) socketTargets() string {
+	var w strings.Builder
+	w.WriteString("### connectable socket (issue 14)\n\n| Target | Measured | Result |\n|---|---|---|\n")
+	line := func(target, measured string, ok bool) {
+		res := "MISS"
+		if ok {
+			res = "pass"
+		}
+		fmt.Fprintf(&w, "| %s | %s | %s |\n", target, measured, res)
+	}
+	vsDirect := func(s series, what, unit, format string) {
+		if len(s) == 0 {
+			return
+		}
+		c, d := median(s[socketContender]), median(s["direct"])
+		target := fmt.Sprintf("%s ≥ %.2f× direct", what, targetSocketRatio)
+		if c == 0 || d == 0 {
+			line(target, "no data", false)
+			return
+		}
+		line(target, fmt.Sprintf("%.2f× ("+format+" of "+format+" %s)", c/d, c, d, unit), c/d >= targetSocketRatio)
+	}
+	vsDirect(b.res.abRPS, "New connection per request", "req/s", "%.0f")
+	vsDirect(b.res.wrkRPS, "Keep-alive", "req/s", "%.0f")
+	vsDirect(b.res.iperfGbps, "Bulk", "Gbit/s", "%.2f")
+	if v := b.res.memPSS[socketContender]; len(v) > 0 {
+		m, relayed := median(v), b.res.memRelayed[socketContender]
+		line(fmt.Sprintf("No relay memory per idle connection: none relayed, daemon growth ≤ %.1f KiB each", targetSocketIdleKiB),
+			fmt.Sprintf("%d of %d relayed; %.2f KiB Pss (%.2f KiB Rss) each", relayed, b.cfg.conns, m, median(b.res.memRSS[socketContender])),
+			relayed == 0 && m <= targetSocketIdleKiB)
+	}
+	if seq := b.res.seq[socketContender]; len(seq) > 0 {
+		s := sortedDurations(seq)
+		line(fmt.Sprintf("docker run → first request served, median ≤ %s", ms(targetSocketSetupMed)),
+			fmt.Sprintf("%s (p90 %s)", ms(durMedian(s)), ms(pct(s, 0.9))), durMedian(s) <= targetSocketSetupMed && len(seq) == b.cfg.seq)
+		if len(b.res.seqSocket) > 0 {
+			ss := sortedDurations(b.res.seqSocket)
+			line(fmt.Sprintf("… first request through the socket path itself, median ≤ %s", ms(targetSocketSetupMed)),
+				fmt.Sprintf("%s (p90 %s)", ms(durMedian(ss)), ms(pct(ss, 0.9))), durMedian(ss) <= targetSocketSetupMed && len(ss) == b.cfg.seq)
+		}
 	}
 	w.WriteString("\n")
 	return w.String()
@@ -238,6 +333,12 @@ func durMedian(s []time.Duration) time.Duration {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// pct is the p-quantile of sorted durations, the nearest rank.
+func pct(s []time.Duration, p float64) time.Duration {
+	i := int(math.Ceil(p*float64(len(s)))) - 1
+	return s[max(0, min(i, len(s)-1))]
 }
 
 func ms(d time.Duration) string  { return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond)) }

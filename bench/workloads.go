@@ -24,12 +24,15 @@ func (s series) add(contender string, v float64) { s[contender] = append(s[conte
 // results is everything one run measured.
 type results struct {
 	abRPS, wrkRPS, wrkP50, wrkP99, iperfGbps series
-	memPSS, memRSS                           series // KiB per held connection
+	memPSS, memRSS                           series         // KiB per held connection
+	memRelayed                               map[string]int // held connections the holder saw come from the relay
+	socketShort                              []string       // socket runs where the kernel counted fewer connects than ab made
 	notes                                    []string
 	commands                                 []string
 
-	seq   []time.Duration // set-up latency of containers started one by one
-	burst *burstResult
+	seq       map[string][]time.Duration // set-up latency of containers started one by one, by contender
+	seqSocket []time.Duration            // the same until the first request the socket path served
+	burst     *burstResult
 }
 
 type burstResult struct {
@@ -56,12 +59,15 @@ func (b *bench) inClient(argv ...string) []string {
 // end. It runs first, on fresh processes, once per proxy.
 func (b *bench) memory(ctx context.Context) error {
 	n := b.cfg.conns
-	b.res.memPSS, b.res.memRSS = series{}, series{}
+	b.res.memPSS, b.res.memRSS, b.res.memRelayed = series{}, series{}, map[string]int{}
 	for _, c := range b.contenders {
 		if c.pids == nil {
 			continue
 		}
 		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := b.prepare(ctx, c); err != nil {
 			return err
 		}
 		logf("memory: holding %d idle connections through %s", n, c.name)
@@ -82,7 +88,9 @@ func (b *bench) memory(ctx context.Context) error {
 			rss1, pss1 := memory(c.pids())
 			b.res.memPSS.add(c.name, (pss1-pss0)/float64(n))
 			b.res.memRSS.add(c.name, (rss1-rss0)/float64(n))
-			logf("memory: %s grew by %.0f KiB Pss, %.0f KiB Rss", c.name, pss1-pss0, rss1-rss0)
+			relayed := b.hold.from(hostAddr)
+			b.res.memRelayed[c.name] = relayed
+			logf("memory: %s grew by %.0f KiB Pss, %.0f KiB Rss; %d of %d held connections came from the relay", c.name, pss1-pss0, rss1-rss0, relayed, n)
 		}
 		for _, c := range conns {
 			c.Close()
@@ -174,32 +182,82 @@ func (b *bench) throughput(ctx context.Context) error {
 			names = append(names, c.name)
 		}
 		logf("round %d of %d: %s", r+1, b.cfg.rounds, strings.Join(names, ", "))
-		if b.cfg.workloads["ab"] {
-			for _, c := range order {
-				if err := b.runAb(ctx, c, abArgs(c)); err != nil {
-					return err
-				}
+		for _, w := range []struct {
+			name string
+			run  func(context.Context, contender) error
+		}{
+			{"ab", func(ctx context.Context, c contender) error { return b.runAb(ctx, c, abArgs(c)) }},
+			{"wrk", func(ctx context.Context, c contender) error { return b.runWrk(ctx, c, wrkArgs(c)) }},
+			{"iperf", func(ctx context.Context, c contender) error { return b.runIperf(ctx, c, iperfArgs(c)) }},
+		} {
+			if !b.cfg.workloads[w.name] {
+				continue
 			}
-		}
-		if b.cfg.workloads["wrk"] {
-			for _, c := range order {
-				if err := b.runWrk(ctx, c, wrkArgs(c)); err != nil {
-					return err
-				}
-			}
-		}
-		if b.cfg.workloads["iperf"] {
-			for _, c := range order {
-				if err := b.runIperf(ctx, c, iperfArgs(c)); err != nil {
+			for _, c := range b.fewerSwaps(order) {
+				if err := b.measure(ctx, c, w.name, w.run); err != nil {
 					return err
 				}
 			}
 		}
 		for _, c := range b.contenders {
-			if c.proc != nil && c.proc().exited() {
-				return fmt.Errorf("%s exited during round %d: %v", c.name, r+1, c.proc().err)
+			if p := procOf(c); p != nil && p.exited() {
+				return fmt.Errorf("%s exited during round %d: %v", c.name, r+1, p.err)
 			}
 		}
+	}
+	return nil
+}
+
+// fewerSwaps puts the connectable contender whose daemon runs first of the
+// two, so that each workload switches daemons once, not twice: the order of
+// everything else stays as the rotation made it.
+func (b *bench) fewerSwaps(order []contender) []contender {
+	out := append([]contender(nil), order...)
+	first := -1
+	for i, c := range out {
+		if c.daemon == "" {
+			continue
+		}
+		if first < 0 {
+			first = i
+			continue
+		}
+		if c.daemon == b.daemonKind && out[first].daemon != b.daemonKind {
+			out[first], out[i] = out[i], out[first]
+		}
+		break
+	}
+	return out
+}
+
+// measure runs one workload through c with c's daemon running. Through the
+// socket daemon, the kernel's counter must grow by the connections the
+// workload made: otherwise the relay beneath served them.
+func (b *bench) measure(ctx context.Context, c contender, workload string, run func(context.Context, contender) error) error {
+	if err := b.prepare(ctx, c); err != nil {
+		return err
+	}
+	if c.daemon != socketDaemon {
+		return run(ctx, c)
+	}
+	before, err := b.socketConnects(ctx)
+	if err != nil {
+		return err
+	}
+	b.abComplete = 0
+	if err := run(ctx, c); err != nil {
+		return err
+	}
+	after, err := b.socketConnects(ctx)
+	if err != nil {
+		return err
+	}
+	if after <= before {
+		return fmt.Errorf("CONTENDER FAILED: %s through %s: connectable_socket_connects_total stayed at %.0f, so the relay served it", workload, c.name, before)
+	}
+	if workload == "ab" && after-before < float64(b.abComplete) {
+		b.res.socketShort = append(b.res.socketShort, fmt.Sprintf("%.0f of %d", after-before, b.abComplete))
+		b.note("ab through %s: the kernel sent %.0f of ab's %d connections straight to the endpoint", c.name, after-before, b.abComplete)
 	}
 	return nil
 }
@@ -232,11 +290,12 @@ func (b *bench) runAb(ctx context.Context, c contender, args []string) error {
 	}
 	rps, _ := strconv.ParseFloat(m[1], 64)
 	complete := atoiMatch(abCompleteRe, out)
+	b.abComplete = complete
 	if bad := atoiMatch(abFailedRe, out) + atoiMatch(abNon2xxRe, out); bad > 0 {
 		b.note("ab through %s: %d of %d requests failed or were not 2xx", c.name, bad, complete)
 	}
 	b.res.abRPS.add(c.name, rps)
-	logf("  ab     %-11s %8.0f req/s", c.name, rps)
+	logf("  ab     %-18s %8.0f req/s", c.name, rps)
 	return nil
 }
 
@@ -265,7 +324,7 @@ func (b *bench) runWrk(ctx context.Context, c contender, args []string) error {
 	b.res.wrkRPS.add(c.name, rps)
 	b.res.wrkP50.add(c.name, pcts["50"])
 	b.res.wrkP99.add(c.name, pcts["99"])
-	logf("  wrk    %-11s %8.0f req/s  p50 %.2f ms  p99 %.2f ms", c.name, rps, pcts["50"], pcts["99"])
+	logf("  wrk    %-18s %8.0f req/s  p50 %.2f ms  p99 %.2f ms", c.name, rps, pcts["50"], pcts["99"])
 	return nil
 }
 
@@ -289,7 +348,7 @@ func (b *bench) runIperf(ctx context.Context, c contender, args []string) error 
 	}
 	gbps := res.End.SumReceived.BitsPerSecond / 1e9
 	b.res.iperfGbps.add(c.name, gbps)
-	logf("  iperf3 %-11s %8.2f Gbit/s", c.name, gbps)
+	logf("  iperf3 %-18s %8.2f Gbit/s", c.name, gbps)
 	return nil
 }
 
@@ -317,54 +376,110 @@ func readyScript(path, interval string) string {
 		cReady, path, interval)
 }
 
-// setupLatency measures how soon a new labelled container is served: first
-// containers started one by one with docker run (time from docker run
-// returning to the first request reaching the backend; the container
-// retries every 2 ms), then many started at once through the API.
-func (b *bench) setupLatency(ctx context.Context) error {
-	labels := map[string]string{fmt.Sprintf("connect.%d", cReady): "ready.bench.test"}
-	b.res.commands = append(b.res.commands, fmt.Sprintf(
-		"set-up, one by one: docker run -d --network none --label connect.%d=ready.bench.test <busybox> sh -c '%s'; "+
-			"latency = first request at the backend − docker run returned", cReady, readyScript("/<id>", "2000")))
+// socketReadyScript is readyScript until the socket path served a request:
+// the first-hit recorder answers "direct" to a request that did not come
+// from the relay.
+func socketReadyScript(path, interval string) string {
+	return fmt.Sprintf("until timeout 5 wget -q -O - http://localhost:%d%s 2>/dev/null | grep -q direct; do usleep %s; done; exec sleep 3600",
+		cReady, path, interval)
+}
 
-	logf("set-up latency: %d containers one by one", b.cfg.seq)
+// setupLatency measures how soon a new labelled container is served: first
+// containers started one by one with docker run, through each connectable
+// contender (time from docker run returning to the first request reaching
+// the backend; the container retries every 2 ms), then, through the relay,
+// many started at once through the API.
+func (b *bench) setupLatency(ctx context.Context) error {
+	b.res.seq = map[string][]time.Duration{}
+	for _, c := range b.contenders {
+		if c.daemon == "" {
+			continue
+		}
+		if err := b.prepare(ctx, c); err != nil {
+			return err
+		}
+		if err := b.seqLatency(ctx, c); err != nil {
+			return err
+		}
+	}
+	for _, c := range b.contenders {
+		if c.daemon == relayDaemon {
+			if err := b.prepare(ctx, c); err != nil {
+				return err
+			}
+			return b.burstLatency(ctx)
+		}
+	}
+	return nil
+}
+
+func (b *bench) seqLatency(ctx context.Context, c contender) error {
+	socket := c.daemon == socketDaemon
+	labels := map[string]string{fmt.Sprintf("connect.%d", cReady): "ready.bench.test"}
+	network, script := "none", readyScript
+	if socket {
+		network, script = b.mvNet, socketReadyScript
+		b.res.commands = append(b.res.commands, fmt.Sprintf(
+			"set-up, one by one, %s: docker run -d --network <macvlan network %s, gateway the backend namespace> --label connect.%d=ready.bench.test <busybox> sh -c '%s'; "+
+				"latency = first request at the backend − docker run returned; through the socket path = first request not from the relay's address", c.name, mvSubnet, cReady, script("/<id>", "2000")))
+	} else {
+		b.res.commands = append(b.res.commands, fmt.Sprintf(
+			"set-up, one by one, %s: docker run -d --network none --label connect.%d=ready.bench.test <busybox> sh -c '%s'; "+
+				"latency = first request at the backend − docker run returned", c.name, cReady, script("/<id>", "2000")))
+	}
+
+	logf("set-up latency through %s: %d containers one by one", c.name, b.cfg.seq)
 	var ids []string
 	for i := 0; i < b.cfg.seq; i++ {
-		path := fmt.Sprintf("/seq-%s-%d", b.id, i)
-		argv := []string{"docker", "run", "-d", "--network", "none", "--name", fmt.Sprintf("cb-seq-%s-%d", b.id, i),
+		path := fmt.Sprintf("/seq-%s-%s-%d", b.id, c.daemon, i)
+		argv := []string{"docker", "run", "-d", "--network", network, "--name", fmt.Sprintf("cb-seq-%s-%s-%d", b.id, c.daemon, i),
 			"--label", testLabel + "=1", "--label", runLabel + "=" + b.id}
 		for k, v := range labels {
 			argv = append(argv, "--label", k+"="+v)
 		}
-		argv = append(argv, imageName, "sh", "-c", readyScript(path, "2000"))
+		argv = append(argv, imageName, "sh", "-c", script(path, "2000"))
 		out, err := command(ctx, argv...)
 		returned := time.Now()
 		if err != nil {
 			return err
 		}
 		ids = append(ids, strings.TrimSpace(out))
-		if err := waitFor(ctx, 30*time.Second, func() bool { _, ok := b.hits.at(path); return ok }); err != nil {
+		served := func() bool { _, ok := b.hits.at(path); return ok }
+		if socket {
+			served = func() bool { _, ok := b.hits.directAt(path); return ok }
+		}
+		if err := waitFor(ctx, 30*time.Second, served); err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			b.note("set-up: container %d never served within 30 s", i)
+			b.note("set-up through %s: container %d never served within 30 s", c.name, i)
 			continue
 		}
 		at, _ := b.hits.at(path)
-		b.res.seq = append(b.res.seq, at.Sub(returned))
-		logf("  container %2d served %v after docker run returned", i+1, at.Sub(returned).Round(100*time.Microsecond))
+		b.res.seq[c.name] = append(b.res.seq[c.name], at.Sub(returned))
+		if socket {
+			direct, _ := b.hits.directAt(path)
+			b.res.seqSocket = append(b.res.seqSocket, direct.Sub(returned))
+			logf("  container %2d served %v after docker run returned, through the socket path after %v", i+1,
+				at.Sub(returned).Round(100*time.Microsecond), direct.Sub(returned).Round(100*time.Microsecond))
+		} else {
+			logf("  container %2d served %v after docker run returned", i+1, at.Sub(returned).Round(100*time.Microsecond))
+		}
 	}
-	if err := b.docker.removeAll(ctx, ids); err != nil {
-		return err
-	}
+	return b.docker.removeAll(ctx, ids)
+}
 
+// burstLatency starts many containers at once through the API and measures
+// when each is first served.
+func (b *bench) burstLatency(ctx context.Context) error {
+	labels := map[string]string{fmt.Sprintf("connect.%d", cReady): "ready.bench.test"}
 	n := b.cfg.burst
 	b.res.commands = append(b.res.commands, fmt.Sprintf(
 		"set-up, at once: %d such containers created (untimed), then all started by concurrent API calls (POST /containers/<id>/start), "+
 			"each retrying every 20 ms; total = last first request − first start call", n))
 	logf("set-up latency: creating %d containers, then starting them at once", n)
 	paths := make([]string, n)
-	ids = make([]string, n)
+	ids := make([]string, n)
 	var (
 		wg      sync.WaitGroup
 		errMu   sync.Mutex
