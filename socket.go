@@ -48,7 +48,12 @@ func loadKernel(c *config) (*sockpath.Kernel, error) {
 	if cg == "" {
 		var err error
 		if cg, err = sockpath.Cgroup2Root(); err != nil {
-			return nil, err
+			// A container on a cgroup v1 host sees only v1
+			// hierarchies; with the host's cgroup namespace, a mount
+			// of its own shows the whole cgroup2 hierarchy.
+			if cg, err = mountCgroup2(); err != nil {
+				return nil, err
+			}
 		}
 	}
 	if err := sockpath.CheckCgroup2(cg); err != nil {
@@ -92,6 +97,22 @@ func ensureBPFFS(dir string) error {
 		return fmt.Errorf("no bpffs at %s, and mounting one failed (as a container: -v /sys/fs/bpf:/sys/fs/bpf): %w", dir, err)
 	}
 	return nil
+}
+
+// cgroup2Mount is where the daemon mounts cgroup2 when none is mounted.
+const cgroup2Mount = "/run/connectable/cgroup2"
+
+func mountCgroup2() (string, error) {
+	if sockpath.CheckCgroup2(cgroup2Mount) == nil {
+		return cgroup2Mount, nil // a previous run's
+	}
+	if err := os.MkdirAll(cgroup2Mount, 0o700); err != nil {
+		return "", fmt.Errorf("no cgroup2 file system is mounted, and creating %s failed: %w", cgroup2Mount, err)
+	}
+	if err := unix.Mount("none", cgroup2Mount, "cgroup2", 0, ""); err != nil {
+		return "", fmt.Errorf("no cgroup2 file system is mounted, and mounting one at %s failed: %w", cgroup2Mount, err)
+	}
+	return cgroup2Mount, nil
 }
 
 // enginePorts gives the socket path this engine's published ports.

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"errors"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -89,10 +90,15 @@ func TestComposeRegistrator(t *testing.T) {
 	})
 
 	// The app and web share a network, so the socket path serves the
-	// port, at web's own address rather than through the published port.
-	if logs := c.logs("connectable"); !strings.Contains(logs, "path=socket") || !strings.Contains(logs, "published ports reached at their containers") {
-		t.Errorf("the daemon's logs do not say the socket path serves localhost:6000 at web's own address:\n%s", logs)
-	}
+	// port, at web's own address rather than through the published port
+	// (the relay served until the service first resolved, and the socket
+	// path looks again within seconds).
+	eventually(t, 30*time.Second, "the socket path serves localhost:6000 at web's own address", func() error {
+		if logs := c.logs("connectable"); !strings.Contains(logs, "path=socket") || !strings.Contains(logs, "published ports reached at their containers") {
+			return errors.New("the daemon's logs do not say so yet")
+		}
+		return nil
+	})
 
 	// A second instance, published the same way, joins the rotation.
 	c.run("up", "-d", "--no-color", "--no-recreate", "--scale", "web=2")
