@@ -165,7 +165,9 @@ func TestChaosAdminReadOnly(t *testing.T) {
 // TestChaosCapabilities runs the containerised daemon with the least
 // privilege that works (NET_ADMIN, SYS_ADMIN, --pid=host; no --privileged,
 // which this engine cannot even grant), and without each part of it: it
-// must then fail at start, naming what is missing.
+// must then fail at start, naming what is missing. Relay only, whatever
+// CONNECTABLE_E2E_DATAPATH says: the capabilities under test are the
+// relay's.
 func TestChaosCapabilities(t *testing.T) {
 	prerequisites(t)
 	tag := daemonImage(t)

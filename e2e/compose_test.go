@@ -37,6 +37,10 @@ const (
 // and is registered with that port; a labelled app reaches it through
 // localhost:6000. A second instance started the same way gets traffic too,
 // and once one is stopped every new connection goes to the other.
+//
+// The Compose file's daemon runs the relay whatever CONNECTABLE_E2E_DATAPATH
+// says: the file is the README's example, which does not mount the host's
+// bpffs.
 func TestComposeRegistrator(t *testing.T) {
 	prerequisites(t)
 	testenv.NeedCommand(t, "docker-compose")

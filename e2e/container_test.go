@@ -18,6 +18,10 @@ import (
 // CAP_SYS_RESOURCE, so runc fails with "unable to apply caps"). It shares the host's network namespace so
 // that it reaches the loopback backends and DNS server of this test; it
 // carries a connect label itself, which it must ignore.
+//
+// It runs the relay whatever CONNECTABLE_E2E_DATAPATH says: the socket path as
+// a container needs the host's bpffs and cgroup namespace mounted in
+// (README "Data paths"), another set of flags than this test's subject.
 func TestDaemonAsContainer(t *testing.T) {
 	prerequisites(t)
 	tag := daemonImage(t)

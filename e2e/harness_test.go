@@ -140,7 +140,91 @@ type daemon struct {
 	admin string // the admin endpoint's address
 }
 
+// dataPathEnv names the environment variable that chooses the data path
+// of the suite's daemons: relay (the default) or socket. make test runs
+// the suite once in each.
+const dataPathEnv = "CONNECTABLE_E2E_DATAPATH"
+
+// suiteDataPath returns the data path startDaemon runs daemons in.
+func suiteDataPath(t *testing.T) string {
+	t.Helper()
+	switch v := os.Getenv(dataPathEnv); v {
+	case "", "relay":
+		return "relay"
+	case "socket":
+		return "socket"
+	default:
+		t.Fatalf("%s=%q: want relay or socket", dataPathEnv, v)
+		return ""
+	}
+}
+
+// startDaemon starts a daemon in the suite's data path (dataPathEnv).
+// Most tests' clients cannot use the socket path (--network none, or
+// backends on the host's loopback), so in socket mode they prove that the
+// relay beneath still serves what the socket path leaves to it.
 func startDaemon(t *testing.T, dnsAddr string, extra ...string) *daemon {
+	t.Helper()
+	if suiteDataPath(t) == "socket" {
+		return startSocketDaemon(t, dnsAddr, extra...)
+	}
+	return startDaemonArgs(t, dnsAddr, extra...)
+}
+
+// startSocketDaemon starts a daemon with the socket data path, whatever
+// the suite's, pinning in the test's bpf directory (bpfDir): a daemon
+// started again in the same test adopts what the previous one left.
+func startSocketDaemon(t *testing.T, dnsAddr string, extra ...string) *daemon {
+	t.Helper()
+	return startDaemonArgs(t, dnsAddr, append([]string{"--datapath", "socket", "--bpf-dir", bpfDir(t)}, extra...)...)
+}
+
+// bpfDirs holds, per top-level test, the pin directory of its daemons.
+// Keyed by the top-level test's name, so that a subtest's restarted daemon
+// (TestDaemonRestart) adopts what its parent's left.
+var bpfDirs = struct {
+	sync.Mutex
+	m map[string]string
+}{m: map[string]string{}}
+
+// bpfDir returns the pin directory of the test's socket-path daemons, on
+// a bpffs of its own mounted in a temporary directory: nothing a test
+// pins can reach the host's /sys/fs/bpf or the next test. The bpffs is
+// unmounted when the test that first asked ends, after the daemons it
+// started meanwhile have stopped (cleanups run last-in first-out); the
+// unmount drops what a SIGKILLed daemon left pinned, which detaches its
+// programs.
+func bpfDir(t *testing.T) string {
+	t.Helper()
+	root, _, _ := strings.Cut(t.Name(), "/")
+	bpfDirs.Lock()
+	defer bpfDirs.Unlock()
+	if dir, ok := bpfDirs.m[root]; ok {
+		return dir
+	}
+	mnt := filepath.Join(t.TempDir(), "bpffs")
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
+		testenv.Skipf(t, "the socket data path needs a bpffs: mounting one at %s: %v", mnt, err)
+	}
+	dir := filepath.Join(mnt, "connectable")
+	bpfDirs.m[root] = dir
+	t.Cleanup(func() {
+		bpfDirs.Lock()
+		delete(bpfDirs.m, root)
+		bpfDirs.Unlock()
+		if err := syscall.Unmount(mnt, 0); err != nil {
+			t.Errorf("unmounting the test's bpffs %s: %v", mnt, err)
+			_ = syscall.Unmount(mnt, syscall.MNT_DETACH)
+		}
+	})
+	return dir
+}
+
+// startDaemonArgs starts a daemon with the harness's flags and then extra.
+func startDaemonArgs(t *testing.T, dnsAddr string, extra ...string) *daemon {
 	t.Helper()
 	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	// The backends are on loopback, which the target policy denies by
