@@ -38,9 +38,9 @@ const (
 // localhost:6000. A second instance started the same way gets traffic too,
 // and once one is stopped every new connection goes to the other.
 //
-// The Compose file's daemon runs the relay whatever CONNECTABLE_E2E_DATAPATH
-// says: the file is the README's example, which does not mount the host's
-// bpffs.
+// The Compose file's daemon runs --datapath auto whatever
+// CONNECTABLE_E2E_DATAPATH says: the file is the README's example. The app
+// and web share a network, so the socket path serves, at web's own address.
 func TestComposeRegistrator(t *testing.T) {
 	prerequisites(t)
 	testenv.NeedCommand(t, "docker-compose")
@@ -83,7 +83,7 @@ func TestComposeRegistrator(t *testing.T) {
 	// The registrar registered the published port on the gateway...
 	first := web[0]
 	c.waitCatalog(map[string]string{first: publishedPort(t, first)})
-	// ...and connectable resolves it and relays to it.
+	// ...and connectable resolves it and serves it.
 	host1 := first[:12] // the backend answers with its host name
 	eventually(t, 90*time.Second, "app reaches web through localhost:6000", func() error {
 		body, err := fetch(t, app, "http://localhost:6000/")
