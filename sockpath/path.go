@@ -113,7 +113,7 @@ const (
 	// socket path serves; the rest stay on the relay, so that one tenant
 	// cannot fill the kernel's routes map for all.
 	maxPortsPerNamespace = 256
-	recheckMin           = 5 * time.Second
+	recheckMin           = 5 * time.Second // for reasons other than resolution
 	recheckMax           = time.Minute
 	// parallelism bounds the lookups and namespace decisions a refresh
 	// runs at once, so that one slow DNS name does not hold up the rest.
@@ -122,9 +122,10 @@ const (
 
 // portState is how one port of one family is served.
 type portState struct {
-	service string
-	table   *table // nil: by the relay
-	reason  string
+	service    string
+	table      *table // nil: by the relay
+	reason     string
+	unresolved bool // on the relay because the service did not resolve
 }
 
 // table is one kernel table, shared by the namespaces whose port chooses
@@ -326,11 +327,12 @@ func (p *Path) Remove(ctx context.Context, key string) error {
 
 // decision is how one port of one family is to be served.
 type decision struct {
-	service string
-	cands   []candidate // nil: by the relay
-	reason  string
-	expires time.Time // of the answer decided on
-	answer  string    // its signature
+	service    string
+	cands      []candidate // nil: by the relay
+	reason     string
+	unresolved bool
+	expires    time.Time // of the answer decided on
+	answer     string    // its signature
 }
 
 // converge computes sp's decisions and installs them. Called with sp.mu.
@@ -345,20 +347,30 @@ func (p *Path) converge(ctx context.Context, sp *space) error {
 		return nil
 	}
 	changed := p.install(sp, ds)
-	relayed := false
+	relayed, unresolved := false, false
 	for _, st := range sp.ports {
 		relayed = relayed || st.table == nil
+		unresolved = unresolved || st.unresolved
 	}
+	now := time.Now()
 	switch {
 	case !relayed:
 		sp.recheck, sp.recheckEvery = time.Time{}, 0
-	case changed:
+	case unresolved && (changed || sp.recheckEvery == 0):
+		// A service that does not resolve yet is usually one about to
+		// register: ask soon, then back off, so that labels naming
+		// nothing cost the DNS server little.
+		sp.recheckEvery = time.Second
+		sp.recheck = now.Add(sp.recheckEvery)
+	case changed || sp.recheckEvery == 0:
 		sp.recheckEvery = recheckMin
+		sp.recheck = now.Add(sp.recheckEvery)
+	case !now.Before(sp.recheck):
+		sp.recheckEvery = min(2*sp.recheckEvery, recheckMax)
+		sp.recheck = now.Add(sp.recheckEvery)
 	default:
-		sp.recheckEvery = min(max(2*sp.recheckEvery, recheckMin), recheckMax)
-	}
-	if relayed {
-		sp.recheck = time.Now().Add(sp.recheckEvery)
+		// Decided early (an engine event, a new answer): the back-off
+		// keeps its schedule.
 	}
 	return nil
 }
@@ -431,7 +443,7 @@ func (p *Path) decide(ctx context.Context, sp *space) (map[routeKey]decision, er
 				continue
 			}
 			if r.err != nil {
-				d.reason = fmt.Sprintf("resolving %s: %v", svc, r.err)
+				d.reason, d.unresolved = fmt.Sprintf("resolving %s: %v", svc, r.err), true
 			} else {
 				d.cands, d.reason = p.candidates(r.ans, r.direct, view, v6)
 			}
@@ -588,7 +600,7 @@ func (p *Path) install(sp *space, ds map[routeKey]decision) bool {
 	changed := map[uint16]bool{}
 	for rk, d := range ds {
 		old := sp.ports[rk]
-		st := &portState{service: d.service, reason: d.reason}
+		st := &portState{service: d.service, reason: d.reason, unresolved: d.unresolved}
 		if d.cands != nil {
 			t, err := p.acquire(d.service, d.cands)
 			if err == nil {
@@ -613,7 +625,10 @@ func (p *Path) install(sp *space, ds map[routeKey]decision) bool {
 			p.release(old.table)
 		}
 		sp.ports[rk] = st
-		if old == nil || (old.table == nil) != (st.table == nil) || old.reason != st.reason {
+		// A failing lookup's message changes from one try to the next
+		// (a source port, a server): still failing is no change.
+		stillUnresolved := old != nil && old.unresolved && st.unresolved
+		if old == nil || (old.table == nil) != (st.table == nil) || (old.reason != st.reason && !stillUnresolved) {
 			changed[rk.Port] = true
 		}
 	}
