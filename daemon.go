@@ -96,6 +96,9 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		ln, err := net.Listen("tcp", c.admin)
 		if err != nil {
 			cancel()
+			if sock != nil {
+				sock.Close() // nothing was set up yet: detach the programs
+			}
 			return fmt.Errorf("admin endpoint on %s: %w", c.admin, err)
 		}
 		go func() { adminDone <- adm.ServeListener(ctx, ln) }()
