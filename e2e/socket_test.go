@@ -31,7 +31,7 @@ import (
 
 	"github.com/connectable/connectable/admin"
 	"github.com/connectable/connectable/internal/testenv"
-	"github.com/connectable/connectable/netns"
+	"github.com/connectable/connectable/sockpath"
 )
 
 // testNetwork creates a labelled bridge network on subnet, a /24 whose
@@ -438,18 +438,9 @@ func nativeUint64(b []byte) uint64 {
 // the socket path's maps use for it.
 func netnsCookie(t *testing.T, ns string) uint64 {
 	t.Helper()
-	var cookie uint64
-	err := netns.Do(ns, func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-		return err
-	})
+	cookie, err := sockpath.NetNSCookie(ns)
 	if err != nil {
-		t.Fatalf("the cookie of %s: %v", ns, err)
+		t.Fatal(err)
 	}
 	return cookie
 }

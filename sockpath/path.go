@@ -262,7 +262,7 @@ func (p *Path) Apply(ctx context.Context, key, ns string, routes map[uint16]stri
 // enter switches sp to the namespace ns: the routes of the previous one
 // go, and ns is held for refreshes.
 func (p *Path) enter(sp *space, ns string) error {
-	cookie, err := netnsCookie(ns)
+	cookie, err := NetNSCookie(ns)
 	if err != nil {
 		return err
 	}
@@ -282,9 +282,9 @@ func (p *Path) enter(sp *space, ns string) error {
 	return nil
 }
 
-// netnsCookie returns the cookie the kernel gives the namespace ns, the
+// NetNSCookie returns the cookie the kernel gives the namespace ns, the
 // value bpf_get_netns_cookie returns for its sockets.
-func netnsCookie(ns string) (uint64, error) {
+func NetNSCookie(ns string) (uint64, error) {
 	var cookie uint64
 	err := netns.Do(ns, func() error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)

@@ -362,7 +362,7 @@ func TestAdoptAfterCrash(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cookie, err := netnsCookie(f.ns)
+	cookie, err := NetNSCookie(f.ns)
 	if err != nil {
 		t.Fatal(err)
 	}
