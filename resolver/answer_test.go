@@ -111,23 +111,7 @@ func TestAnswerHostPortAndAddrPort(t *testing.T) {
 }
 
 func TestAnswerExpiresFollowsClampedTTL(t *testing.T) {
-	oneA := rr(t, "one.node.test. 60 IN A 127.0.0.1")
-	tenA := rr(t, "ten.node.test. 10 IN A 127.0.0.10")
-	dayA := rr(t, "day.node.test. 86400 IN A 127.0.0.1")
-	z := &zone{
-		Records: append(rrs(t,
-			"a.service.test. 30 IN SRV 1 1 80 one.node.test.",
-			"b.service.test. 30 IN SRV 1 1 80 ten.node.test.",
-			"zero.service.test. 0 IN SRV 1 1 80 one.node.test.",
-			"day.service.test. 86400 IN SRV 1 1 80 day.node.test.",
-		), oneA, tenA, dayA),
-		Extra: map[string][]dns.RR{
-			"a.service.test.":    {oneA},
-			"b.service.test.":    {tenA},
-			"zero.service.test.": {oneA},
-			"day.service.test.":  {dayA},
-		},
-	}
+	z := ttlZone(t)
 	s := startServer(t, z.handle)
 	for _, tc := range []struct {
 		name string

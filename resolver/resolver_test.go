@@ -363,7 +363,10 @@ func TestEDNSLargeAnswerOverUDP(t *testing.T) {
 	}
 }
 
-func TestTTL(t *testing.T) {
+// ttlZone serves SRV records whose answers expire at 30s (a), 10s (b,
+// through its glue), 0 (zero) and a day (day), to check TTL clamping.
+func ttlZone(t *testing.T) *zone {
+	t.Helper()
 	oneA := rr(t, "one.node.test. 60 IN A 127.0.0.1")
 	tenA := rr(t, "ten.node.test. 10 IN A 127.0.0.10") // glue TTL below the SRV's
 	dayA := rr(t, "day.node.test. 86400 IN A 127.0.0.1")
@@ -381,6 +384,11 @@ func TestTTL(t *testing.T) {
 			"day.service.test.":  {dayA},
 		},
 	}
+	return z
+}
+
+func TestTTL(t *testing.T) {
+	z := ttlZone(t)
 	for _, tc := range []struct {
 		name      string
 		fresh     time.Duration // still cached after this long
