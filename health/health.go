@@ -35,7 +35,10 @@ type Config struct {
 	// confirmed dead or came back: the tables that hold it are rewritten.
 	Changed func(ep netip.AddrPort)
 	// Cleared is told, without the Tracker's lock, when the passive marks
-	// on ep are to go: a probe reached it, or nothing uses it any more.
+	// on ep are to go: it came back after the daemon confirmed it dead, or
+	// nothing uses it any more. A probe that reaches an endpoint only a
+	// namespace saw fail leaves that namespace's marks to lapse: what the
+	// namespace saw may be true for it alone (a firewall of its own).
 	Cleared func(ep netip.AddrPort)
 	// InUse optionally tells whether anything still chooses from ep; an
 	// endpoint nothing uses is forgotten rather than probed.
@@ -187,8 +190,8 @@ func (t *Tracker) Succeeded(ep netip.AddrPort) {
 	t.mu.Unlock()
 	if changed {
 		t.cfg.Changed(ep)
+		t.cfg.Cleared(ep)
 	}
-	t.cfg.Cleared(ep)
 }
 
 // Dead reports whether the daemon confirmed ep dead: it goes out of every
@@ -337,7 +340,8 @@ func (t *Tracker) finish(ep netip.AddrPort, owner uint64, err error) {
 	if err != nil {
 		changed = t.failedLocked(ep, e, err)
 	} else {
-		changed, cleared = t.succeededLocked(ep, e), true
+		changed = t.succeededLocked(ep, e)
+		cleared = changed
 	}
 	t.mu.Unlock()
 	if changed {

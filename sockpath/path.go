@@ -54,10 +54,10 @@ type Config struct {
 	// it refuses is never written.
 	Allowed func(netip.Addr) error
 	// ProbeTimeout optionally bounds one probe of a dead endpoint; if 0, 1s.
-	// ProbeNetNS optionally names the namespace probes dial from; if "",
-	// the daemon's own, as the relay's dials do.
-	ProbeNetNS   string
 	ProbeTimeout time.Duration
+	// ProbeNetNS optionally names the namespace probes dial from; if "",
+	// the daemon's own, as the relay's dials do (tests set it).
+	ProbeNetNS string
 	// RetryMin and RetryMax optionally bound the back-off between probes
 	// of a dead endpoint; if 0, 1s and 30s (the relay's).
 	RetryMin, RetryMax time.Duration
