@@ -279,6 +279,7 @@ func (t *Tracker) schedule(ctx context.Context, wg *sync.WaitGroup) {
 			return
 		}
 		if !t.cfg.InUse(ep) {
+			t.unclaim(ep, owner)
 			t.forget(ep)
 			continue
 		}
@@ -322,20 +323,34 @@ func (t *Tracker) take() (netip.AddrPort, uint64, bool) {
 	return netip.AddrPort{}, 0, false
 }
 
-// finish records a probe's result.
-func (t *Tracker) finish(ep netip.AddrPort, owner uint64, err error) {
+// unclaim gives back a probe take claimed and did not start.
+func (t *Tracker) unclaim(ep netip.AddrPort, owner uint64) {
 	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.unclaimLocked(ep, owner)
+}
+
+func (t *Tracker) unclaimLocked(ep netip.AddrPort, owner uint64) *entry {
 	t.inFlight[owner]--
-	if t.inFlight[owner] == 0 {
+	if t.inFlight[owner] <= 0 {
 		delete(t.inFlight, owner)
 	}
 	t.running--
 	e := t.eps[ep]
+	if e != nil {
+		e.probing = false
+	}
+	return e
+}
+
+// finish records a probe's result.
+func (t *Tracker) finish(ep netip.AddrPort, owner uint64, err error) {
+	t.mu.Lock()
+	e := t.unclaimLocked(ep, owner)
 	if e == nil {
 		t.mu.Unlock()
 		return
 	}
-	e.probing = false
 	var changed, cleared bool
 	if err != nil {
 		changed = t.failedLocked(ep, e, err)
