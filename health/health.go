@@ -166,6 +166,16 @@ func (t *Tracker) Failed(ep netip.AddrPort, err error) {
 	t.mu.Lock()
 	e := t.eps[ep]
 	if e == nil {
+		// The relay dials endpoints the socket path may not serve at
+		// all: hold only those something chooses from.
+		t.mu.Unlock()
+		if !t.cfg.InUse(ep) {
+			return
+		}
+		t.mu.Lock()
+		e = t.eps[ep]
+	}
+	if e == nil {
 		e = &entry{owner: Daemon, reporters: map[uint64]bool{}, b: t.cfg.Backoff}
 		t.eps[ep] = e
 		t.addOwner(Daemon)

@@ -130,3 +130,8 @@ func (p *Path) dialProbe(ctx context.Context, ap netip.AddrPort) error {
 func (p *Path) Health() []health.Endpoint {
 	return p.health.Snapshot()
 }
+
+// Tracker returns the endpoint health the socket path acts on, for the
+// relay to share (proxy.Server.Health): its dials are the daemon's own
+// evidence too.
+func (p *Path) Tracker() *health.Tracker { return p.health }
