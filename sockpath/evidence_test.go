@@ -409,3 +409,66 @@ func TestV6OnlyNeverToIPv4(t *testing.T) {
 		t.Errorf("V6OnlyRefused = %d; want 2", got)
 	}
 }
+
+// One namespace's evidence is reported within its own budget, so that it
+// cannot fill the ring buffer: what is over it is dropped and counted,
+// and another namespace's next report still goes through. A table of one
+// endpoint keeps it for the namespace that saw it fail (its marks may not
+// take out more than half), until the daemon confirms.
+func TestEventBudgetPerNamespace(t *testing.T) {
+	res := newFakeResolver(time.Hour)
+	nsA := netnsWithAddrs(t, "198.18.203.1/32")
+	nsB := netnsWithAddrs(t, "198.18.203.1/32")
+	probe := netnsWithAddrs(t, "198.18.203.1/32")
+	e := netip.MustParseAddrPort("198.18.203.1:7002")
+	startBackend(t, probe, "e", e.String()) // only the daemon reaches it
+	k := loadKernel(t, bpffs(t))
+	p, err := New(Config{Kernel: k, Resolver: res, RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond,
+		ProbeNetNS: probe, Logger: testenv.Logger(t, &testenv.SyncBuffer{})})
+	if err != nil {
+		k.Remove()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := p.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	res.set("s", group(1, []netip.AddrPort{e}))
+	for key, ns := range map[string]string{"a": nsA, "b": nsB} {
+		if err := p.Apply(context.Background(), key, ns, map[uint16]string{6000: "s"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const n = 300
+	start := time.Now()
+	refused := 0
+	for range n {
+		if _, _, err := dial(nsA, "127.0.0.1:6000"); err != nil && strings.Contains(err.Error(), "refused") {
+			refused++
+		}
+	}
+	elapsed := time.Since(start)
+	s := stats(t, p)
+	budget := uint64(kernSockpathConstEVENT_BURST) + uint64(elapsed.Seconds()*float64(kernSockpathConstEVENT_RATE)) + 1
+	t.Logf("%d refused connects in %v: %+v (budget about %d)", refused, elapsed.Round(time.Millisecond), s, budget)
+	if refused != n {
+		t.Fatalf("%d of %d connects refused; want all: the endpoint stays in A's choices", refused, n)
+	}
+	if s.Evidence > budget || s.Evidence+s.OverBudget != n {
+		t.Errorf("evidence %d, over budget %d; want at most %d reported and the rest of %d counted", s.Evidence, s.OverBudget, budget, n)
+	}
+	if s.PassiveCap == 0 {
+		t.Errorf("A's marks were never ignored, though they would take out the whole table")
+	}
+	before := s.Evidence
+	if _, _, err := dial(nsB, "127.0.0.1:6000"); err == nil {
+		t.Fatal("B's connect succeeded; nothing listens there")
+	}
+	if s := stats(t, p); s.Evidence != before+1 {
+		t.Errorf("B's evidence after A spent its budget: %d reported; want %d", s.Evidence, before+1)
+	}
+	if p.health.Dead(e) {
+		t.Errorf("e confirmed dead though the daemon reaches it")
+	}
+}
