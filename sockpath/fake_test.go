@@ -271,3 +271,39 @@ func TestEvidenceNeedsTheDaemonsProbe(t *testing.T) {
 		})
 	}
 }
+
+// Endpoints the daemon confirmed dead may all go: the table then serves
+// nothing, and connects fall to the relay, which tries each.
+func TestAllConfirmedDeadLeavesTheTableEmpty(t *testing.T) {
+	var dead []netip.AddrPort
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		dead = append(dead, netip.MustParseAddrPort(ln.Addr().String()))
+		ln.Close()
+	}
+	fk := newFakeMaps()
+	p, err := New(Config{Kernel: fk, Resolver: newFakeResolver(time.Hour), RetryMin: 20 * time.Millisecond,
+		RetryMax: 100 * time.Millisecond, Logger: testenv.Logger(t, &testenv.SyncBuffer{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	p.mu.Lock()
+	tbl, err := p.acquire("s", []candidate{{addr: dead[0], weight: 1, target: 0}, {addr: dead[1], weight: 1, target: 1}})
+	p.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fk.report(1, dead[0], eventFailed)
+	fk.report(2, dead[1], eventSYNRetry)
+	eventually(t, "both endpoints leave the table", func() bool { return len(fk.endpoints(tbl.id)) == 0 })
+	fk.mu.Lock()
+	nslots := fk.tables[tbl.id].Nslots
+	fk.mu.Unlock()
+	if nslots != 0 {
+		t.Errorf("a table with no live endpoint has %d slots; want 0 (the kernel leaves its connects to the relay)", nslots)
+	}
+}

@@ -349,7 +349,7 @@ type Counter struct {
 	Service  uint32
 	Endpoint netip.AddrPort
 	Connects uint64 // connects rewritten to it
-	Failures uint64 // of those, the ones that failed or retransmitted their SYN
+	Failures uint64 // of those, the ones the remote side failed (reset, unreachable, SYN timeout), within the reporting namespace's budget
 }
 
 func (k *Kernel) counters() ([]Counter, error) {
