@@ -125,10 +125,37 @@ func (p *Path) dialProbe(ctx context.Context, ap netip.AddrPort) error {
 	return netns.Do(ns, dial)
 }
 
+// EndpointHealth is what the daemon holds about one endpoint, for /status.
+type EndpointHealth struct {
+	health.Endpoint
+	// Namespaces names, by key, the namespaces whose evidence is held
+	// ("daemon" for the daemon's own, "?" for one no longer applied).
+	Namespaces []string
+}
+
 // Health lists the endpoints under suspicion, confirmed dead, or reached
-// by a probe lately, for /status.
-func (p *Path) Health() []health.Endpoint {
-	return p.health.Snapshot()
+// by a probe lately.
+func (p *Path) Health() []EndpointHealth {
+	snap := p.health.Snapshot()
+	p.mu.Lock()
+	keys := map[uint64]string{health.Daemon: "daemon"}
+	for _, sp := range p.spaces {
+		keys[sp.cookie] = sp.key
+	}
+	p.mu.Unlock()
+	out := make([]EndpointHealth, 0, len(snap))
+	for _, e := range snap {
+		h := EndpointHealth{Endpoint: e}
+		for _, c := range e.Reporters {
+			name, ok := keys[c]
+			if !ok {
+				name = "?"
+			}
+			h.Namespaces = append(h.Namespaces, name)
+		}
+		out = append(out, h)
+	}
+	return out
 }
 
 // Tracker returns the endpoint health the socket path acts on, for the
