@@ -472,3 +472,39 @@ func TestEventBudgetPerNamespace(t *testing.T) {
 		t.Errorf("e confirmed dead though the daemon reaches it")
 	}
 }
+
+// Marks older than the kernel heeds are deleted, so that namespaces that
+// are gone leave nothing behind; fresh ones stay.
+func TestPruneDeadMarks(t *testing.T) {
+	k := loadKernel(t, bpffs(t))
+	t.Cleanup(func() {
+		if err := k.Remove(); err != nil {
+			t.Errorf("Remove: %v", err)
+		}
+	})
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	now := uint64(ts.Nano())
+	hold := uint64(kernSockpathConstDEAD_HOLD_SECONDS) * uint64(time.Second)
+	old := kernDeadKey{Cookie: 1, Ep: endpoint(netip.MustParseAddrPort("198.18.0.1:80"))}
+	fresh := kernDeadKey{Cookie: 2, Ep: endpoint(netip.MustParseAddrPort("198.18.0.1:80"))}
+	if err := k.objs.Dead.Put(old, now-hold-uint64(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.objs.Dead.Put(fresh, now); err != nil {
+		t.Fatal(err)
+	}
+	n, err := k.pruneDead()
+	if err != nil || n != 1 {
+		t.Fatalf("pruneDead = %d, %v; want the one stale mark", n, err)
+	}
+	var at uint64
+	if err := k.objs.Dead.Lookup(fresh, &at); err != nil {
+		t.Errorf("the fresh mark went too: %v", err)
+	}
+	if err := k.objs.Dead.Lookup(old, &at); err == nil {
+		t.Errorf("the stale mark stayed")
+	}
+}

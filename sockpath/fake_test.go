@@ -152,6 +152,8 @@ func (f *fakeMaps) revive(ap netip.AddrPort) error {
 	return nil
 }
 
+func (f *fakeMaps) pruneDead() (int, error) { return 0, nil }
+
 func (f *fakeMaps) wasRevived(ap netip.AddrPort) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -37,6 +37,23 @@ func (p *Path) newTracker() *health.Tracker {
 	})
 }
 
+// pruneMarks deletes, now and then, the kernel's marks it no longer heeds.
+func (p *Path) pruneMarks() {
+	defer p.wg.Done()
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case <-tick.C:
+			if _, err := p.k.pruneDead(); err != nil {
+				p.log.Warn("deleting stale dead marks", "err", err)
+			}
+		}
+	}
+}
+
 // readEvents takes the kernel's failure reports.
 func (p *Path) readEvents() {
 	defer p.wg.Done()

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -325,6 +326,39 @@ func (k *Kernel) revive(ap netip.AddrPort) error {
 		}
 	}
 	return nil
+}
+
+// pruneDead deletes the marks the kernel no longer heeds (older than
+// DEAD_HOLD_SECONDS): nothing else does, and namespaces that are gone
+// would leave theirs for ever. It returns how many it deleted.
+func (k *Kernel) pruneDead() (int, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, err
+	}
+	now := uint64(ts.Nano())
+	hold := uint64(kernSockpathConstDEAD_HOLD_SECONDS) * uint64(time.Second)
+	var stale []kernDeadKey
+	var key kernDeadKey
+	var at uint64
+	it := k.objs.Dead.Iterate()
+	for it.Next(&key, &at) {
+		if now-at >= hold {
+			stale = append(stale, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("reading the dead marks: %w", err)
+	}
+	n := 0
+	for _, key := range stale {
+		if err := k.objs.Dead.Delete(key); err == nil {
+			n++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("deleting a stale dead mark: %w", err)
+		}
+	}
+	return n, nil
 }
 
 // deadEndpoints lists the endpoints some namespace marked dead, however

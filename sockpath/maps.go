@@ -23,6 +23,8 @@ type Maps interface {
 	// revive clears every namespace's mark on one.
 	deadEndpoints() ([]netip.AddrPort, error)
 	revive(ap netip.AddrPort) error
+	// pruneDead deletes the marks too old for the kernel to heed.
+	pruneDead() (int, error)
 	// stats returns the kernel's counts, indexed by kernStat.
 	stats() ([]uint64, error)
 	events() (eventReader, error)

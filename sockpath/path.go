@@ -195,9 +195,10 @@ func New(cfg Config) (*Path, error) {
 	}
 	p.events = ev
 	p.ctx, p.cancel = context.WithCancel(context.Background())
-	p.wg.Add(3)
+	p.wg.Add(4)
 	go p.readEvents()
 	go p.refreshLoop()
+	go p.pruneMarks()
 	go func() {
 		defer p.wg.Done()
 		p.health.Run(p.ctx)
