@@ -43,6 +43,12 @@ type Config struct {
 	// InUse optionally tells whether anything still chooses from ep; an
 	// endpoint nothing uses is forgotten rather than probed.
 	InUse func(ep netip.AddrPort) bool
+	// Users optionally lists the namespaces that choose from ep. An
+	// endpoint confirmed dead is then probed on the turn of the one of
+	// them with the fewest endpoints to probe, rather than of whoever
+	// reported it first: a namespace with many dead endpoints of its own
+	// cannot hold back the revival of one that others use.
+	Users func(ep netip.AddrPort) []uint64
 	// Backoff is the schedule of probes of a dead endpoint, and of how
 	// soon passive evidence against an endpoint a probe reached is
 	// probed again. Default 1s to 30s.
@@ -163,9 +169,9 @@ func (t *Tracker) Report(ns uint64, ep netip.AddrPort) bool {
 // Failed takes the daemon's own failed dial of ep (the relay's): the
 // endpoint is confirmed dead at once.
 func (t *Tracker) Failed(ep netip.AddrPort, err error) {
+	users := t.users(ep)
 	t.mu.Lock()
-	e := t.eps[ep]
-	if e == nil {
+	if t.eps[ep] == nil {
 		// The relay dials endpoints the socket path may not serve at
 		// all: hold only those something chooses from.
 		t.mu.Unlock()
@@ -173,19 +179,26 @@ func (t *Tracker) Failed(ep netip.AddrPort, err error) {
 			return
 		}
 		t.mu.Lock()
-		e = t.eps[ep]
 	}
+	e := t.eps[ep]
 	if e == nil {
 		e = &entry{owner: Daemon, reporters: map[uint64]bool{}, b: t.cfg.Backoff}
 		t.eps[ep] = e
 		t.addOwner(Daemon)
 	}
-	changed := t.failedLocked(ep, e, err)
+	changed := t.failedLocked(ep, e, err, users)
 	t.mu.Unlock()
 	if changed {
 		t.cfg.Changed(ep)
 	}
 	t.poke()
+}
+
+func (t *Tracker) users(ep netip.AddrPort) []uint64 {
+	if t.cfg.Users == nil {
+		return nil
+	}
+	return t.cfg.Users(ep)
 }
 
 // Succeeded takes the daemon's own successful dial of ep (the relay's).
@@ -355,6 +368,10 @@ func (t *Tracker) unclaimLocked(ep netip.AddrPort, owner uint64) *entry {
 
 // finish records a probe's result.
 func (t *Tracker) finish(ep netip.AddrPort, owner uint64, err error) {
+	var users []uint64
+	if err != nil {
+		users = t.users(ep)
+	}
 	t.mu.Lock()
 	e := t.unclaimLocked(ep, owner)
 	if e == nil {
@@ -363,7 +380,7 @@ func (t *Tracker) finish(ep netip.AddrPort, owner uint64, err error) {
 	}
 	var changed, cleared bool
 	if err != nil {
-		changed = t.failedLocked(ep, e, err)
+		changed = t.failedLocked(ep, e, err, users)
 	} else {
 		changed = t.succeededLocked(ep, e)
 		cleared = changed
@@ -379,11 +396,17 @@ func (t *Tracker) finish(ep netip.AddrPort, owner uint64, err error) {
 }
 
 // failedLocked confirms ep dead and schedules its next probe; it returns
-// whether ep was not confirmed before.
-func (t *Tracker) failedLocked(ep netip.AddrPort, e *entry, err error) bool {
+// whether ep was not confirmed before. users are the namespaces that
+// choose from ep, if known.
+func (t *Tracker) failedLocked(ep netip.AddrPort, e *entry, err error, users []uint64) bool {
 	now := t.cfg.now()
 	was := e.confirmed
 	if !was {
+		if len(users) > 0 {
+			e.owner = t.leastLoaded(users)
+			t.addOwner(e.owner)
+			t.pruneOwners()
+		}
 		e.since = now
 		t.log.Warn("endpoint confirmed dead by the daemon's own dial", "endpoint", ep, "err", err)
 	}
@@ -459,6 +482,21 @@ func (t *Tracker) Prune() {
 			t.forget(ep)
 		}
 	}
+}
+
+// leastLoaded returns the one of nss that owns the fewest endpoints.
+func (t *Tracker) leastLoaded(nss []uint64) uint64 {
+	owned := map[uint64]int{}
+	for _, e := range t.eps {
+		owned[e.owner]++
+	}
+	best := nss[0]
+	for _, ns := range nss[1:] {
+		if owned[ns] < owned[best] {
+			best = ns
+		}
+	}
+	return best
 }
 
 func (t *Tracker) addOwner(ns uint64) {

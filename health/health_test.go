@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -280,4 +281,49 @@ func TestRunProbes(t *testing.T) {
 	close(release)
 	cancel()
 	<-done
+}
+
+// An endpoint confirmed dead is probed on the turn of the least loaded
+// namespace that uses it: namespace 1, with many dead endpoints of its own,
+// reported first the one namespace 2 also uses, yet namespace 2's turn
+// revives it.
+func TestConfirmedOwnedByLeastLoaded(t *testing.T) {
+	clock, c := testenv.NewClock(), newCalls()
+	shared := ep(200)
+	tr := newTracker(clock, c, Config{Probes: 1, ProbesPerNamespace: 1, PerNamespace: 100,
+		Users: func(ap netip.AddrPort) []uint64 {
+			if ap == shared {
+				return []uint64{1, 2}
+			}
+			return []uint64{1}
+		}})
+	tr.Report(1, shared)
+	for i := range 20 {
+		tr.Report(1, ep(i))
+	}
+	// Every probe fails: all confirmed dead.
+	for {
+		got, owner, ok := tr.take()
+		if !ok {
+			break
+		}
+		tr.finish(got, owner, errDown)
+	}
+	if !tr.Dead(shared) {
+		t.Fatal("the shared endpoint is not confirmed dead")
+	}
+	clock.Advance(time.Second)
+	// One probe at a time: namespace 1's turn, then namespace 2's.
+	var first []netip.AddrPort
+	for range 2 {
+		got, owner, ok := tr.take()
+		if !ok {
+			t.Fatal("no probe due")
+		}
+		first = append(first, got)
+		tr.finish(got, owner, errDown)
+	}
+	if !slices.Contains(first, shared) {
+		t.Errorf("the first two revival probes went to %v; want the shared endpoint among them, on namespace 2's turn", first)
+	}
 }

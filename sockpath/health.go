@@ -32,6 +32,7 @@ func (p *Path) newTracker() *health.Tracker {
 			}
 		},
 		InUse:   p.inUse,
+		Users:   p.users,
 		Backoff: backoff.Backoff{Min: p.cfg.RetryMin, Max: p.cfg.RetryMax},
 		Logger:  p.log,
 	})
@@ -114,6 +115,22 @@ func (p *Path) inUse(ap netip.AddrPort) bool {
 		}
 	}
 	return false
+}
+
+// users returns the cookies of the namespaces whose tables choose from ap.
+func (p *Path) users(ap netip.AddrPort) []uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []uint64
+	for _, sp := range p.spaces {
+		for _, st := range sp.ports {
+			if st.table != nil && slices.ContainsFunc(st.table.cands, func(c candidate) bool { return c.addr == ap }) {
+				out = append(out, sp.cookie)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // dialProbe connects to ap from the daemon's namespace (or ProbeNetNS)
