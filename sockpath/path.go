@@ -77,8 +77,8 @@ type Path struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	events eventReader
-	// health holds the endpoints' evidence and probes them; it takes its
-	// own lock, never with p.mu held.
+	// health holds the endpoints' evidence and probes them. Its lock may
+	// be taken under p.mu; it calls back into the Path only without it.
 	health     *health.Tracker
 	badReports atomic.Uint64
 
