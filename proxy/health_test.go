@@ -3,12 +3,14 @@ package proxy
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
 	"testing"
 	"time"
 
+	endpointhealth "github.com/connectable/connectable/health"
 	"github.com/connectable/connectable/internal/testenv"
 )
 
@@ -70,15 +72,19 @@ func TestHealthOrder(t *testing.T) {
 }
 
 func TestHealthBackoff(t *testing.T) {
-	h, _ := newHealth()
+	h, clock := newHealth()
 	want := []time.Duration{1, 2, 4, 8, 16, 30, 30, 30}
 	for i, w := range want {
-		if got := h.backoff(i + 1); got != w*time.Second {
+		h.failed(ep(1), errors.New("refused"))
+		if got := h.status([]netip.AddrPort{ep(1)})[0].RetryAt.Sub(clock.Now()); got != w*time.Second {
 			t.Errorf("backoff after %d failures: got %v; want %v", i+1, got, w*time.Second)
 		}
 	}
-	if got := h.backoff(1000); got != backoffMax {
-		t.Errorf("backoff after 1000 failures: got %v; want %v", got, backoffMax)
+	for range 1000 {
+		h.failed(ep(1), errors.New("refused"))
+	}
+	if got := h.status([]netip.AddrPort{ep(1)})[0].RetryAt.Sub(clock.Now()); got != backoffMax {
+		t.Errorf("backoff after 1008 failures: got %v; want %v", got, backoffMax)
 	}
 }
 
@@ -86,14 +92,14 @@ func TestHealthBounded(t *testing.T) {
 	h, clock := newHealth()
 	for i := range 3 * healthMaxEntries {
 		h.failed(ep(i), errors.New("refused"))
-		if len(h.eps) > healthMaxEntries {
-			t.Fatalf("%d entries after %d failures; want at most %d", len(h.eps), i+1, healthMaxEntries)
+		if h.t.Len() > healthMaxEntries {
+			t.Fatalf("%d entries after %d failures; want at most %d", h.t.Len(), i+1, healthMaxEntries)
 		}
 	}
 	clock.Advance(healthForget + time.Minute)
 	h.failed(ep(0), errors.New("refused"))
-	if len(h.eps) != 1 {
-		t.Errorf("%d entries after everything aged out; want 1", len(h.eps))
+	if h.t.Len() != 1 {
+		t.Errorf("%d entries after everything aged out; want 1", h.t.Len())
 	}
 }
 
@@ -204,4 +210,40 @@ func waitStatus(t *testing.T, s *Server) []EndpointStatus {
 		return len(eps) > 0 && !eps[len(eps)-1].Healthy
 	})
 	return eps
+}
+
+// The relay's dials are the daemon's own evidence, shared with the socket
+// path's endpoint health: a refused dial confirms the endpoint dead there
+// too, and an endpoint held dead there is dialled after the others.
+func TestRelaySharesHealth(t *testing.T) {
+	testenv.CheckGoroutines(t)
+	tr := endpointhealth.New(endpointhealth.Config{
+		Probe:  func(context.Context, netip.AddrPort) error { return nil },
+		Logger: slog.New(slog.DiscardHandler),
+	})
+	dead := freePort(t)
+	held := testenv.StartBackend(t, tagEcho('h'))
+	a := testenv.StartBackend(t, tagEcho('a'))
+	res := newResolver(false)
+	res.set("svc", dead, held.Addr, a.Addr)
+	s := newServer(t, res, func(s *Server) { s.Health = tr })
+	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
+		t.Fatal(err)
+	}
+	addr := proxyAddr(t, s, "c1")
+	tr.Failed(held.Addr, errors.New("the socket path's probe failed"))
+	for i := range 10 {
+		c := dialPort(t, addr, 6000)
+		got := readTag(t, c)
+		c.Close()
+		if got != 'a' {
+			t.Fatalf("connection %d reached %q; want a: the refused endpoint is in back-off, the other held dead", i, got)
+		}
+	}
+	if !tr.Dead(dead) {
+		t.Errorf("the relay's refused dial did not confirm %v dead", dead)
+	}
+	if held.Accepted.Load() != 0 {
+		t.Errorf("the endpoint held dead was dialled %d times while another answered", held.Accepted.Load())
+	}
 }

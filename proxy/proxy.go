@@ -55,6 +55,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	endpointhealth "github.com/connectable/connectable/health"
 	"github.com/connectable/connectable/netns"
 	"github.com/connectable/connectable/origdst"
 )
@@ -167,6 +168,12 @@ type Server struct {
 	// at most that many sockets in SYN-SENT; the others wait (within
 	// DialTimeout) for a turn. If 0, DefaultMaxDialsPerNamespace.
 	MaxDialsPerNamespace int
+	// Health optionally shares the relay's dial outcomes with the socket
+	// path's endpoint health (sockpath's Path.Tracker): the relay's dials
+	// are the daemon's own, so a failure confirms the endpoint dead for
+	// both paths and a success brings it back; endpoints it holds dead are
+	// dialled last.
+	Health *endpointhealth.Tracker
 	// Logger optionally receives the server's logs; if nil, slog.Default().
 	Logger *slog.Logger
 
@@ -206,6 +213,7 @@ func (s *Server) init() {
 		s.conns.init()
 		s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 		s.health.init()
+		s.health.tracker = s.Health
 		s.policy = newTargetPolicy(s.AllowTargets, s.DenyTargets)
 	})
 }

@@ -12,13 +12,26 @@
 //     ::ffff:127.0.0.0/104 and ::1 whose (network namespace cookie, family,
 //     port) is in the routes map. The endpoint is drawn at random from the
 //     route's table, whose 1024 slots the daemon apportions by SRV weight, so
-//     a uniform draw is a weighted choice; endpoints the kernel saw fail are
-//     skipped. Every other connect, the host's among them, returns untouched.
+//     a uniform draw is a weighted choice; endpoints that failed for the
+//     same namespace are skipped, unless that would leave less than half of
+//     the table (then that namespace's marks are ignored, as Envoy's panic
+//     threshold does). A connect to ::1 is never sent to an IPv4 endpoint
+//     (an IPV6_V6ONLY socket could not reach it): the relay serves it.
+//     Every other connect, the host's among them, returns untouched, and a
+//     connect not rewritten drops what an earlier one on the same socket
+//     left in socket storage.
 //   - getpeername4 and getpeername6 answer with the address the application
 //     connected to, kept in socket storage.
-//   - sockops watches the rewritten sockets only: a connect that fails, or
-//     whose SYN times out once, marks its endpoint dead at once and reports it
-//     through a ring buffer.
+//   - sockops watches the rewritten sockets only, and counts as evidence
+//     against an endpoint only what the remote side caused: a reset or an
+//     ICMP error in answer to the SYN (sk_err set before the socket closes),
+//     or a SYN unanswered past its retransmission timeout. A socket the
+//     application closed, aborted or gave up on while connecting is no
+//     evidence. Evidence marks the endpoint dead for that namespace only,
+//     keyed by (netns cookie, endpoint), and is reported through a ring
+//     buffer within a per-namespace budget. A mark lapses after 30 s, so
+//     that endpoints come back while no daemon runs. What was dropped or
+//     ignored is counted in a stats map (Path.KernelStats).
 //
 // In the daemon:
 //
@@ -30,9 +43,17 @@
 //     translates ports published by this engine to their containers'
 //     addresses, and writes a table only if the namespace has a route to
 //     every endpoint; otherwise the relay serves the port, and the log and
-//     Status say why. It refreshes tables when answers expire, takes dead
-//     endpoints out of every table on the kernel's report, and probes them
-//     from a client namespace with the relay's back-off.
+//     Status say why. It refreshes tables when answers expire.
+//   - health.go, with package health: a namespace's evidence makes the
+//     daemon probe the endpoint from its own network namespace (the
+//     evidence the relay's dials give, which no tenant can influence);
+//     only a failed probe takes the endpoint out of every table, and a
+//     probe that reaches it again puts it back. Each namespace holds a
+//     bounded number of endpoints under suspicion, and probes go round the
+//     namespaces with a bound on each, off every lock, so that one
+//     namespace's dead endpoints cannot delay another's revival.
+//   - maps.go: the kernel's maps behind the Maps interface (a fake in the
+//     tests), and the kernel's counts.
 //   - table.go: the apportionment of slots: the best priority group with a
 //     live endpoint, weights shared by a target's addresses, weight 0 only
 //     when nothing weighted lives (RFC 2782).

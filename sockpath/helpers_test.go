@@ -114,7 +114,7 @@ func watchGone(t *testing.T, k *Kernel) {
 		progs = append(progs, id)
 	}
 	var maps []ebpf.MapID
-	for _, m := range []*ebpf.Map{k.objs.Routes, k.objs.Tables, k.objs.Dead, k.objs.Counters, k.objs.Socks, k.objs.Events} {
+	for _, m := range k.pinnedMaps() {
 		info, err := m.Info()
 		if err != nil {
 			t.Fatal(err)

@@ -204,8 +204,8 @@ func (p *Path) dropCounters(s *service, eps []netip.AddrPort) {
 	}
 }
 
-// write (re)writes t's kernel table from its candidates and the dead
-// endpoints. Called with p.mu.
+// write (re)writes t's kernel table from its candidates and the endpoints
+// confirmed dead. Called with p.mu.
 func (p *Path) write(t *table) error {
 	eps, slots, _, err := apportion(t.cands, p.isDead)
 	if err != nil {
@@ -225,7 +225,9 @@ func (p *Path) write(t *table) error {
 	return nil
 }
 
-func (p *Path) isDead(ap netip.AddrPort) bool { return p.dead[ap] != nil }
+// isDead tells whether the daemon confirmed ap dead: what one namespace
+// alone saw fail leaves only that namespace's choices, in the kernel.
+func (p *Path) isDead(ap netip.AddrPort) bool { return p.health.Dead(ap) }
 
 // rewriteServing rewrites every table that chooses from ap. Called with
 // p.mu.

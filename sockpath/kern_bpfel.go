@@ -13,10 +13,23 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type kernBudget struct {
+	_      structs.HostLayout
+	At     uint64
+	Tokens uint64
+}
+
 type kernCounterKey struct {
 	_       structs.HostLayout
 	Service uint32
 	Ep      kernEndpoint
+}
+
+type kernDeadKey struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Ep     kernEndpoint
+	Pad    uint32
 }
 
 type kernEndpoint struct {
@@ -32,6 +45,22 @@ type kernEndpointCounters struct {
 	Failures uint64
 }
 
+type kernEvent struct {
+	_       structs.HostLayout
+	Cookie  uint64
+	Service uint32
+	Kind    kernEventKind
+	Ep      kernEndpoint
+	Pad     uint32
+}
+
+type kernEventKind uint32
+
+const (
+	kernEventKindEVENT_FAILED    kernEventKind = 1
+	kernEventKindEVENT_SYN_RETRY kernEventKind = 2
+)
+
 type kernRouteKey struct {
 	_      structs.HostLayout
 	Cookie uint64
@@ -40,15 +69,54 @@ type kernRouteKey struct {
 	Pad    [5]uint8
 }
 
+type kernSharedTypes struct {
+	_       structs.HostLayout
+	Event   kernEvent
+	DeadKey kernDeadKey
+	Consts  kernSockpathConst
+	Kind    kernEventKind
+	Stat    kernStat
+	_       [4]byte
+}
+
 type kernSockState struct {
 	_        structs.HostLayout
+	Cookie   uint64
 	Service  uint32
 	Ep       kernEndpoint
 	OrigAddr [4]uint32
 	OrigPort uint16
 	V4       uint8
 	Reported uint8
+	_        [4]byte
 }
+
+type kernSockpathConst uint32
+
+const (
+	kernSockpathConstMAX_ENDPOINTS     kernSockpathConst = 64
+	kernSockpathConstNSLOTS            kernSockpathConst = 1024
+	kernSockpathConstDRAWS             kernSockpathConst = 4
+	kernSockpathConstDEAD_HOLD_SECONDS kernSockpathConst = 30
+	kernSockpathConstEVENT_BURST       kernSockpathConst = 16
+	kernSockpathConstEVENT_RATE        kernSockpathConst = 4
+)
+
+type kernStat uint32
+
+const (
+	kernStatSTAT_EVIDENCE       kernStat = 0
+	kernStatSTAT_LOCAL_CLOSE    kernStat = 1
+	kernStatSTAT_OVER_BUDGET    kernStat = 2
+	kernStatSTAT_RINGBUF_FULL   kernStat = 3
+	kernStatSTAT_DEAD_FULL      kernStat = 4
+	kernStatSTAT_COUNTERS_FULL  kernStat = 5
+	kernStatSTAT_STORAGE_FAILED kernStat = 6
+	kernStatSTAT_PASSIVE_CAP    kernStat = 7
+	kernStatSTAT_V6ONLY         kernStat = 8
+	kernStatSTAT_CLEARED        kernStat = 9
+	kernStatNSTATS              kernStat = 10
+)
 
 type kernTable struct {
 	_          structs.HostLayout
@@ -63,13 +131,16 @@ type kernTable struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	kernMapBudgets           = "budgets"
 	kernMapCounters          = "counters"
 	kernMapDead              = "dead"
 	kernMapEvents            = "events"
 	kernMapRoutes            = "routes"
 	kernMapSocks             = "socks"
+	kernMapStats             = "stats"
 	kernMapTableLayout       = "table_layout"
 	kernMapTables            = "tables"
+	kernMapTypesLayout       = "types_layout"
 	kernProgSockConnect4     = "sock_connect4"
 	kernProgSockConnect6     = "sock_connect6"
 	kernProgSockGetpeername4 = "sock_getpeername4"
@@ -130,13 +201,16 @@ type kernProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type kernMapSpecs struct {
+	Budgets     *ebpf.MapSpec `ebpf:"budgets"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	Dead        *ebpf.MapSpec `ebpf:"dead"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Routes      *ebpf.MapSpec `ebpf:"routes"`
 	Socks       *ebpf.MapSpec `ebpf:"socks"`
+	Stats       *ebpf.MapSpec `ebpf:"stats"`
 	TableLayout *ebpf.MapSpec `ebpf:"table_layout"`
 	Tables      *ebpf.MapSpec `ebpf:"tables"`
+	TypesLayout *ebpf.MapSpec `ebpf:"types_layout"`
 }
 
 // kernVariableSpecs contains global variables before they are loaded into the kernel.
@@ -165,24 +239,30 @@ func (o *kernObjects) Close() error {
 //
 // It can be passed to loadKernObjects or ebpf.CollectionSpec.LoadAndAssign.
 type kernMaps struct {
+	Budgets     *ebpf.Map `ebpf:"budgets"`
 	Counters    *ebpf.Map `ebpf:"counters"`
 	Dead        *ebpf.Map `ebpf:"dead"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Routes      *ebpf.Map `ebpf:"routes"`
 	Socks       *ebpf.Map `ebpf:"socks"`
+	Stats       *ebpf.Map `ebpf:"stats"`
 	TableLayout *ebpf.Map `ebpf:"table_layout"`
 	Tables      *ebpf.Map `ebpf:"tables"`
+	TypesLayout *ebpf.Map `ebpf:"types_layout"`
 }
 
 func (m *kernMaps) Close() error {
 	return _KernClose(
+		m.Budgets,
 		m.Counters,
 		m.Dead,
 		m.Events,
 		m.Routes,
 		m.Socks,
+		m.Stats,
 		m.TableLayout,
 		m.Tables,
+		m.TypesLayout,
 	)
 }
 

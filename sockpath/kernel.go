@@ -1,6 +1,7 @@
 package sockpath
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -17,13 +19,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The layout shared with bpf/sockpath.c.
+// The layout of bpf/sockpath.c, as bpf2go generated it from there.
 const (
-	maxEndpoints = 64
-	nslots       = 1024
+	maxEndpoints = len(kernTable{}.Ep)
+	nslots       = len(kernTable{}.Slot)
 
-	eventFailed   = 1
-	eventSYNRetry = 2
+	eventFailed   = kernEventKindEVENT_FAILED
+	eventSYNRetry = kernEventKindEVENT_SYN_RETRY
 )
 
 // Kernel is connectable's programs and maps in the kernel: loaded or
@@ -61,6 +63,10 @@ func (k *Kernel) programs() []struct {
 // bpffsMagic is BPF_FS_MAGIC: the file system a pin must live on.
 const bpffsMagic = 0xcafe4a11
 
+// layoutOnly names the maps that only carry types for bpf2go: they are
+// neither used nor pinned.
+var layoutOnly = map[string]bool{"table_layout": true, "types_layout": true}
+
 // Load loads the programs, adopting the maps and links pinned in dir by a
 // previous run (their entries keep serving while no daemon runs), and
 // attaches the programs to the cgroup2 hierarchy at cgroup, replacing the
@@ -85,7 +91,7 @@ func Load(dir, cgroup string) (*Kernel, error) {
 		return nil, fmt.Errorf("reading the programs: %w", err)
 	}
 	for name, m := range spec.Maps {
-		if name != "table_layout" {
+		if !layoutOnly[name] {
 			m.Pinning = ebpf.PinByName
 		}
 	}
@@ -165,6 +171,11 @@ func explainVerifier(err error) error {
 	return err
 }
 
+// pinnedMaps lists the maps pinned in the directory.
+func (k *Kernel) pinnedMaps() []*ebpf.Map {
+	return []*ebpf.Map{k.objs.Routes, k.objs.Tables, k.objs.Dead, k.objs.Budgets, k.objs.Counters, k.objs.Stats, k.objs.Socks, k.objs.Events}
+}
+
 // Close lets go of the programs and maps, leaving them attached and pinned:
 // what a crashed daemon leaves, and what the next Load adopts.
 func (k *Kernel) Close() error {
@@ -186,7 +197,7 @@ func (k *Kernel) Remove() error {
 		errs = append(errs, l.Unpin(), l.Close())
 	}
 	k.links = nil
-	for _, m := range []*ebpf.Map{k.objs.Routes, k.objs.Tables, k.objs.Dead, k.objs.Counters, k.objs.Socks, k.objs.Events} {
+	for _, m := range k.pinnedMaps() {
 		errs = append(errs, m.Unpin())
 	}
 	errs = append(errs, k.objs.Close())
@@ -294,31 +305,75 @@ func (ep kernEndpoint) addrPort() netip.AddrPort {
 	return netip.AddrPortFrom(netip.AddrFrom16(b).Unmap(), port)
 }
 
-// markDead and revive set and clear an endpoint's dead mark.
-func (k *Kernel) markDead(ap netip.AddrPort) error {
-	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-		return err
-	}
-	return k.objs.Dead.Put(endpoint(ap), uint64(ts.Nano()))
-}
-
+// revive clears the marks every namespace holds on an endpoint.
 func (k *Kernel) revive(ap netip.AddrPort) error {
-	err := k.objs.Dead.Delete(endpoint(ap))
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil
-	}
-	return err
-}
-
-// deadEndpoints lists the endpoints with a dead mark, however old.
-func (k *Kernel) deadEndpoints() ([]netip.AddrPort, error) {
-	var out []netip.AddrPort
-	var ep kernEndpoint
+	want := endpoint(ap)
+	var keys []kernDeadKey
+	var key kernDeadKey
 	var ts uint64
 	it := k.objs.Dead.Iterate()
-	for it.Next(&ep, &ts) {
-		out = append(out, ep.addrPort())
+	for it.Next(&key, &ts) {
+		if key.Ep == want {
+			keys = append(keys, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading the dead marks: %w", err)
+	}
+	for _, key := range keys {
+		if err := k.objs.Dead.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clearing a dead mark: %w", err)
+		}
+	}
+	return nil
+}
+
+// pruneDead deletes the marks the kernel no longer heeds (older than
+// DEAD_HOLD_SECONDS): nothing else does, and namespaces that are gone
+// would leave theirs for ever. It returns how many it deleted.
+func (k *Kernel) pruneDead() (int, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, err
+	}
+	now := uint64(ts.Nano())
+	hold := uint64(kernSockpathConstDEAD_HOLD_SECONDS) * uint64(time.Second)
+	var stale []kernDeadKey
+	var key kernDeadKey
+	var at uint64
+	it := k.objs.Dead.Iterate()
+	for it.Next(&key, &at) {
+		if now-at >= hold {
+			stale = append(stale, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("reading the dead marks: %w", err)
+	}
+	n := 0
+	for _, key := range stale {
+		if err := k.objs.Dead.Delete(key); err == nil {
+			n++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("deleting a stale dead mark: %w", err)
+		}
+	}
+	return n, nil
+}
+
+// deadEndpoints lists the endpoints some namespace marked dead, however
+// long ago.
+func (k *Kernel) deadEndpoints() ([]netip.AddrPort, error) {
+	seen := map[netip.AddrPort]bool{}
+	var out []netip.AddrPort
+	var key kernDeadKey
+	var ts uint64
+	it := k.objs.Dead.Iterate()
+	for it.Next(&key, &ts) {
+		if ap := key.Ep.addrPort(); !seen[ap] {
+			seen[ap] = true
+			out = append(out, ap)
+		}
 	}
 	return out, it.Err()
 }
@@ -328,7 +383,7 @@ type Counter struct {
 	Service  uint32
 	Endpoint netip.AddrPort
 	Connects uint64 // connects rewritten to it
-	Failures uint64 // of those, the ones that failed or retransmitted their SYN
+	Failures uint64 // of those, the ones the remote side failed (reset, unreachable, SYN timeout), within the reporting namespace's budget
 }
 
 func (k *Kernel) counters() ([]Counter, error) {
@@ -378,17 +433,44 @@ func (k *Kernel) deleteCounter(service uint32, ap netip.AddrPort) error {
 	return err
 }
 
-// event is what sockops reports; the layout of struct event.
-type event struct {
-	Service uint32
-	Kind    uint32
-	Ep      kernEndpoint
+// events returns a reader of the failure reports.
+func (k *Kernel) events() (eventReader, error) {
+	r, err := ringbuf.NewReader(k.objs.Events)
+	if err != nil {
+		return nil, err
+	}
+	return ringReader{r}, nil
 }
 
-// events returns a reader of the failure reports. Closing it ends a
-// blocked Read.
-func (k *Kernel) events() (*ringbuf.Reader, error) {
-	return ringbuf.NewReader(k.objs.Events)
+// ringReader decodes the ring buffer's records.
+type ringReader struct{ r *ringbuf.Reader }
+
+func (r ringReader) read() (kernEvent, error) {
+	var ev kernEvent
+	rec, err := r.r.Read()
+	if errors.Is(err, ringbuf.ErrClosed) {
+		return ev, errEventsClosed
+	}
+	if err != nil {
+		return ev, err
+	}
+	if err := binary.Read(bytes.NewReader(rec.RawSample), nativeEndian, &ev); err != nil {
+		return ev, fmt.Errorf("decoding a failure report: %w", err)
+	}
+	return ev, nil
+}
+
+func (r ringReader) Close() error { return r.r.Close() }
+
+// stats reads the kernel's counts, indexed by enum stat.
+func (k *Kernel) stats() ([]uint64, error) {
+	out := make([]uint64, kernStatNSTATS)
+	for i := range out {
+		if err := k.objs.Stats.Lookup(uint32(i), &out[i]); err != nil {
+			return nil, fmt.Errorf("reading the kernel's stats: %w", err)
+		}
+	}
+	return out, nil
 }
 
 // Cgroup2Root returns where the root of the cgroup2 hierarchy is mounted:

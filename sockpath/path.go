@@ -9,11 +9,12 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
+	"github.com/connectable/connectable/health"
 	"github.com/connectable/connectable/netns"
 	"github.com/connectable/connectable/resolver"
 )
@@ -44,7 +45,7 @@ type Ports interface {
 
 // Config configures a Path. Kernel and Resolver are required.
 type Config struct {
-	Kernel   *Kernel
+	Kernel   Maps // a *Kernel from Load
 	Resolver Resolver
 	// Ports optionally translates endpoints published by this engine to
 	// the containers' own addresses.
@@ -54,6 +55,9 @@ type Config struct {
 	Allowed func(netip.Addr) error
 	// ProbeTimeout optionally bounds one probe of a dead endpoint; if 0, 1s.
 	ProbeTimeout time.Duration
+	// ProbeNetNS optionally names the namespace probes dial from; if "",
+	// the daemon's own, as the relay's dials do (tests set it).
+	ProbeNetNS string
 	// RetryMin and RetryMax optionally bound the back-off between probes
 	// of a dead endpoint; if 0, 1s and 30s (the relay's).
 	RetryMin, RetryMax time.Duration
@@ -67,13 +71,16 @@ type Config struct {
 // beneath. Create it with New.
 type Path struct {
 	cfg    Config
-	k      *Kernel
+	k      Maps
 	log    *slog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-	events *ringbuf.Reader
-	probes chan struct{} // bounds the probes in flight
+	events eventReader
+	// health holds the endpoints' evidence and probes them. Its lock may
+	// be taken under p.mu; it calls back into the Path only without it.
+	health     *health.Tracker
+	badReports atomic.Uint64
 
 	mu         sync.Mutex
 	spaces     map[string]*space // by key
@@ -81,8 +88,8 @@ type Path struct {
 	ids        map[uint32]bool   // of tables, and of a previous run's until Sweep
 	nextID     uint32
 	services   map[string]*service
-	dead       map[netip.AddrPort]*deadState
-	leftRoutes map[routeKey]bool // a previous run's, not rewritten since
+	dead       map[netip.AddrPort]*deadState // adopted, until New hands them to health
+	leftRoutes map[routeKey]bool             // a previous run's, not rewritten since
 	leftTables map[uint32]bool
 }
 
@@ -165,7 +172,6 @@ func New(cfg Config) (*Path, error) {
 	}
 	p := &Path{
 		cfg: cfg, k: cfg.Kernel, log: log.With("component", "sockpath"),
-		probes:     make(chan struct{}, 16),
 		spaces:     map[string]*space{},
 		tables:     map[string]*table{},
 		ids:        map[uint32]bool{},
@@ -175,18 +181,28 @@ func New(cfg Config) (*Path, error) {
 		leftTables: map[uint32]bool{},
 		nextID:     1,
 	}
+	p.health = p.newTracker()
 	if err := p.adopt(); err != nil {
 		return nil, err
 	}
+	for ap := range p.dead {
+		p.health.Report(health.Daemon, ap)
+	}
+	p.dead = nil
 	ev, err := p.k.events()
 	if err != nil {
 		return nil, fmt.Errorf("reading the failure reports: %w", err)
 	}
 	p.events = ev
 	p.ctx, p.cancel = context.WithCancel(context.Background())
-	p.wg.Add(2)
+	p.wg.Add(4)
 	go p.readEvents()
 	go p.refreshLoop()
+	go p.pruneMarks()
+	go func() {
+		defer p.wg.Done()
+		p.health.Run(p.ctx)
+	}()
 	return p, nil
 }
 

@@ -7,8 +7,8 @@ import (
 	"time"
 )
 
-// refreshLoop re-resolves services whose answer expired, follows the
-// engine's published ports and probes dead endpoints.
+// refreshLoop re-resolves services whose answer expired and follows the
+// engine's published ports.
 func (p *Path) refreshLoop() {
 	defer p.wg.Done()
 	tick := time.NewTicker(100 * time.Millisecond)
@@ -36,7 +36,6 @@ func (p *Path) refreshLoop() {
 			p.refreshAnswers()
 			now := time.Now()
 			p.reconverge(func(sp *space) bool { return !sp.recheck.IsZero() && !now.Before(sp.recheck) })
-			p.probeDead()
 		}
 	}
 }

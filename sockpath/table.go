@@ -88,7 +88,7 @@ func apportion(cands []candidate, dead func(netip.AddrPort) bool) (eps []netip.A
 	rems := make([]rem, len(group))
 	used := 0
 	for i := range group {
-		exact := share[i] / total * nslots
+		exact := share[i] / total * float64(nslots)
 		counts[i] = max(1, int(exact))
 		used += counts[i]
 		rems[i] = rem{i, exact - float64(int(exact))}
@@ -124,7 +124,7 @@ func kernelTable(service uint32, eps []netip.AddrPort, slots []uint8) *kernTable
 	if len(eps) == 0 {
 		return t
 	}
-	t.Nslots = nslots
+	t.Nslots = uint32(nslots)
 	t.Nendpoints = uint32(len(eps))
 	copy(t.Slot[:], slots)
 	for i, ep := range eps {

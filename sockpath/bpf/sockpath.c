@@ -8,34 +8,78 @@
 //
 // A routed connect picks an endpoint from its table at random (the table's
 // slots are apportioned by SRV weight, so a uniform draw is a weighted
-// choice), skips endpoints the kernel saw fail, rewrites the destination and
-// remembers the original one in socket storage, so that getpeername()
-// answers with the address the application connected to. A sockops program
-// watches those sockets only: a connect that fails or retransmits its SYN
-// marks the endpoint dead at once and tells the daemon through a ring
-// buffer. If no live endpoint is drawn, the connect is not rewritten and the
-// REDIRECT rule beneath sends it to the relay, which fails over itself.
+// choice), skips endpoints that failed for the same network namespace,
+// rewrites the destination and remembers the original one in socket
+// storage, so that getpeername() answers with the address the application
+// connected to. If no endpoint is drawn, the connect is not rewritten and
+// the REDIRECT rule beneath sends it to the relay, which fails over itself.
+//
+// A sockops program watches those sockets only, and counts as evidence
+// against an endpoint only what the remote side caused: a reset or an ICMP
+// error in answer to the SYN, or a SYN left unanswered past its
+// retransmission timeout. A socket its application closed, aborted or gave
+// up on while connecting is no evidence. The evidence marks the endpoint
+// dead for that namespace alone, at once, and is reported to the daemon
+// (within a per-namespace budget), which probes the endpoint from its own
+// namespace before taking it out of any other namespace's table.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/socket.h>
+#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
+#define SHUTDOWN_MASK 3	  // RCV_SHUTDOWN | SEND_SHUTDOWN, set by tcp_close()
+#define ECONNABORTED 103 // set by tcp_abort(): the host destroyed the socket
 
-// Keep in step with sockpath/kernel.go.
-#define MAX_ENDPOINTS 64
-#define NSLOTS 1024 // a power of two: a draw is a mask, without modulo bias
-#define DRAWS 4 // weighted draws before a scan for any live endpoint
-// A dead mark older than this is ignored, so that endpoints come back on
-// their own while no daemon is there to probe them.
-#define DEAD_HOLD_NS (30ULL * 1000 * 1000 * 1000)
+// The constants the daemon shares, generated into Go by bpf2go (-type).
+enum sockpath_const {
+	MAX_ENDPOINTS = 64,
+	NSLOTS = 1024, // a power of two: a draw is a mask, without modulo bias
+	DRAWS = 4,     // weighted draws before a scan for any live endpoint
+	// A dead mark older than this is ignored, so that endpoints come back
+	// on their own while no daemon is there to probe them.
+	DEAD_HOLD_SECONDS = 30,
+	// The reports one namespace may send: a burst, refilled at a rate per
+	// second. Beyond it the evidence is dropped (and counted), so that one
+	// namespace cannot fill the ring buffer or the dead map.
+	EVENT_BURST = 16,
+	EVENT_RATE = 4,
+};
 
-#define EVENT_FAILED 1	 // the connect failed (reset, unreachable)
-#define EVENT_SYN_RETRY 2 // the SYN timed out once and is retransmitted
+#define DEAD_HOLD_NS ((__u64)DEAD_HOLD_SECONDS * 1000 * 1000 * 1000)
+
+enum event_kind {
+	EVENT_FAILED = 1,    // the connect was refused or unreachable
+	EVENT_SYN_RETRY = 2, // the SYN timed out once and is retransmitted
+};
+
+// The kernel's counts of what it did not do or could not keep: each is an
+// index into the stats map.
+enum stat {
+	STAT_EVIDENCE = 0,	 // evidence against an endpoint, reported
+	STAT_LOCAL_CLOSE = 1,	 // connects the application ended itself: no evidence
+	STAT_OVER_BUDGET = 2,	 // evidence dropped: its namespace was over its budget
+	STAT_RINGBUF_FULL = 3,	 // reports lost: the ring buffer was full
+	STAT_DEAD_FULL = 4,	 // marks lost: the dead map was full
+	STAT_COUNTERS_FULL = 5,	 // endpoint counters lost: the counters map was full
+	STAT_STORAGE_FAILED = 6, // connects not rewritten: no socket storage
+	STAT_PASSIVE_CAP = 7,	 // picks that ignored marks on more than half a table
+	STAT_V6ONLY = 8,	 // connects to ::1 not sent to an IPv4 endpoint
+	STAT_CLEARED = 9,	 // socket state dropped on a connect not rewritten
+	NSTATS = 10,
+};
+
+// Just the fields read from the kernel's struct sock, relocated by CO-RE
+// to wherever this kernel keeps them.
+struct sock___sp {
+	int sk_err;
+	__u8 sk_shutdown;
+} __attribute__((preserve_access_index));
 
 struct route_key {
 	__u64 cookie; // bpf_get_netns_cookie of the client's namespace
@@ -69,7 +113,20 @@ struct endpoint_counters {
 	__u64 failures; // failed or timed out, as seen by sockops
 };
 
+// An endpoint as one network namespace sees it.
+struct dead_key {
+	__u64 cookie;
+	struct endpoint ep;
+	__u32 pad;
+};
+
+struct budget {
+	__u64 at;     // bpf_ktime_get_ns of the last refill
+	__u64 tokens; // reports left
+};
+
 struct sock_state {
+	__u64 cookie; // the namespace that connected
 	__u32 service;
 	struct endpoint ep; // where the connect went
 	__u32 orig_addr[4]; // what the application asked for
@@ -79,14 +136,19 @@ struct sock_state {
 };
 
 struct event {
+	__u64 cookie; // the namespace whose connect failed
 	__u32 service;
-	__u32 kind; // EVENT_*
+	enum event_kind kind;
 	struct endpoint ep;
+	__u32 pad;
 };
 
+// Sized for many namespaces: 256 ports of two families for each of 512
+// namespaces. Entries are allocated as they are used.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
 	__type(key, struct route_key);
 	__type(value, __u32); // table id
 } routes SEC(".maps");
@@ -100,6 +162,23 @@ struct {
 	__type(key, __u32);
 	__type(value, struct table);
 } table_layout SEC(".maps");
+
+// Never used either: it gives BTF, and so Go types and constants, to what
+// the programs use only on the stack.
+struct shared_types {
+	struct event event;
+	struct dead_key dead_key;
+	enum sockpath_const consts;
+	enum event_kind kind;
+	enum stat stat;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct shared_types);
+} types_layout SEC(".maps");
 
 // A table is replaced by swapping in a new inner map: a connect sees the old
 // table or the new one, never a mixture.
@@ -115,19 +194,40 @@ struct {
 	});
 } tables SEC(".maps");
 
+// Endpoints that failed for a namespace. Only that namespace's picks skip
+// them; the daemon confirms before it takes one out of other tables.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, struct endpoint);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct dead_key);
 	__type(value, __u64); // bpf_ktime_get_ns when marked
 } dead SEC(".maps");
 
+// Each namespace's report budget. An evicted entry starts over with a full
+// budget: that costs one burst, and only when more namespaces report than
+// the map holds.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64); // netns cookie
+	__type(value, struct budget);
+} budgets SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
 	__type(key, struct counter_key);
 	__type(value, struct endpoint_counters);
 } counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NSTATS);
+	__type(key, __u32); // enum stat
+	__type(value, __u64);
+} stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -138,8 +238,16 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 64 * 1024);
+	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
+
+static __always_inline void count(enum stat s)
+{
+	__u32 k = s;
+	__u64 *v = bpf_map_lookup_elem(&stats, &k);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
 
 static __always_inline struct endpoint_counters *counters_of(__u32 service, struct endpoint *ep)
 {
@@ -151,14 +259,43 @@ static __always_inline struct endpoint_counters *counters_of(__u32 service, stru
 	// The daemon creates the entries of the endpoints it writes; this is
 	// for a table swapped in before them.
 	struct endpoint_counters zero = {};
-	bpf_map_update_elem(&counters, &k, &zero, BPF_NOEXIST);
+	if (bpf_map_update_elem(&counters, &k, &zero, BPF_NOEXIST) == -7 /* E2BIG */)
+		count(STAT_COUNTERS_FULL);
 	return bpf_map_lookup_elem(&counters, &k);
 }
 
-static __always_inline int is_dead(struct endpoint *ep, __u64 now)
+static __always_inline int is_dead(__u64 cookie, struct endpoint *ep, __u64 now)
 {
-	__u64 *t = bpf_map_lookup_elem(&dead, ep);
+	struct dead_key k = {.cookie = cookie};
+	__builtin_memcpy(&k.ep, ep, sizeof(k.ep));
+	__u64 *t = bpf_map_lookup_elem(&dead, &k);
 	return t && now - *t < DEAD_HOLD_NS;
+}
+
+// scan is the state of pick's scan of a table, one endpoint per call of
+// scan_one (bpf_loop keeps the verifier from walking every path of it).
+struct scan {
+	struct table *t;
+	__u64 cookie;
+	__u64 now;
+	__u32 n;
+	__u32 start;
+	__u32 out;  // endpoints marked dead for the namespace
+	__s32 live; // the first one not marked, or -1
+};
+
+static long scan_one(__u32 i, void *data)
+{
+	struct scan *sc = data;
+	__u32 j = sc->start + i;
+	if (j >= sc->n)
+		j -= sc->n;
+	struct endpoint *ep = &sc->t->ep[j & (MAX_ENDPOINTS - 1)];
+	if (is_dead(sc->cookie, ep, sc->now))
+		sc->out++;
+	else if (sc->live < 0)
+		sc->live = j & (MAX_ENDPOINTS - 1);
+	return 0;
 }
 
 // pick returns the table and endpoint for a connect routed by k, or NULL.
@@ -174,45 +311,46 @@ static __always_inline struct endpoint *pick(struct route_key *k, struct table *
 	struct table *t = bpf_map_lookup_elem(inner, &zero);
 	if (!t || t->nslots != NSLOTS)
 		return 0;
+	*tp = t;
 	__u64 now = bpf_ktime_get_ns();
+	struct endpoint *drawn = 0;
 #pragma unroll
 	for (int i = 0; i < DRAWS; i++) {
 		__u32 s = bpf_get_prandom_u32() & (NSLOTS - 1);
-		struct endpoint *ep = &t->ep[t->slot[s] & (MAX_ENDPOINTS - 1)];
-		if (!is_dead(ep, now)) {
-			*tp = t;
-			return ep;
-		}
+		drawn = &t->ep[t->slot[s] & (MAX_ENDPOINTS - 1)];
+		if (!is_dead(k->cookie, drawn, now))
+			return drawn;
 	}
-	// The draws found only endpoints that failed since the daemon last
-	// wrote the table: take any live one, until the daemon rewrites it.
+	// The draws found only endpoints that failed for this namespace: take
+	// any live one, unless this namespace's evidence alone would leave
+	// less than half of the table, which it is not trusted to do (Envoy's
+	// panic threshold); then the marks are ignored until the daemon's
+	// probes confirm them and it rewrites the table.
 	__u32 n = t->nendpoints;
 	if (n == 0 || n > MAX_ENDPOINTS)
 		return 0;
 	__u32 start = bpf_get_prandom_u32() % n;
-	for (__u32 i = 0; i < MAX_ENDPOINTS && i < n; i++) {
-		__u32 j = start + i;
-		if (j >= n)
-			j -= n;
-		struct endpoint *ep = &t->ep[j & (MAX_ENDPOINTS - 1)];
-		if (!is_dead(ep, now)) {
-			*tp = t;
-			return ep;
-		}
-	}
-	return 0;
+	struct scan sc = {.t = t, .cookie = k->cookie, .now = now, .n = n, .start = start, .live = -1};
+	bpf_loop(n, scan_one, &sc, 0);
+	if (sc.live >= 0 && 2 * sc.out <= n)
+		return &t->ep[sc.live & (MAX_ENDPOINTS - 1)];
+	count(STAT_PASSIVE_CAP);
+	return drawn;
 }
 
 // remember stores where a socket really went and where it asked to go.
-static __always_inline int remember(struct bpf_sock_addr *ctx, struct table *t, struct endpoint *ep,
-				    __u32 orig[4], __u8 v4)
+static __always_inline int remember(struct bpf_sock_addr *ctx, __u64 cookie, struct table *t,
+				    struct endpoint *ep, __u32 orig[4], __u8 v4)
 {
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 0;
 	struct sock_state *st = bpf_sk_storage_get(&socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st)
+	if (!st) {
+		count(STAT_STORAGE_FAILED);
 		return 0;
+	}
+	st->cookie = cookie;
 	st->service = t->service;
 	__builtin_memcpy(&st->ep, ep, sizeof(st->ep));
 	st->orig_addr[0] = orig[0];
@@ -228,9 +366,24 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, struct table *t, 
 	return 1;
 }
 
+// forget drops what an earlier rewritten connect of the socket left: a
+// connect that is not rewritten must not answer getpeername with the
+// earlier address, nor be watched by sockops.
+static __always_inline void forget(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (sk && bpf_sk_storage_delete(&socks, sk) == 0)
+		count(STAT_CLEARED);
+}
+
 static __always_inline int is_tcp(struct bpf_sock_addr *ctx)
 {
 	return ctx->type == SOCK_STREAM && ctx->protocol == IPPROTO_TCP;
+}
+
+static __always_inline int is_v4_mapped(struct endpoint *ep)
+{
+	return ep->addr[0] == 0 && ep->addr[1] == 0 && ep->addr[2] == bpf_htonl(0xffff);
 }
 
 SEC("cgroup/connect4")
@@ -239,8 +392,10 @@ int sock_connect4(struct bpf_sock_addr *ctx)
 	if (!is_tcp(ctx))
 		return 1;
 	__u32 dst = ctx->user_ip4;
-	if ((bpf_ntohl(dst) >> 24) != 127)
+	if ((bpf_ntohl(dst) >> 24) != 127) {
+		forget(ctx);
 		return 1;
+	}
 	struct route_key k = {
 		.cookie = bpf_get_netns_cookie(ctx),
 		.port = bpf_ntohs((__u16)ctx->user_port),
@@ -250,11 +405,11 @@ int sock_connect4(struct bpf_sock_addr *ctx)
 	struct endpoint *ep = pick(&k, &t);
 	// An AF_INET socket can only go to an IPv4 endpoint; the daemon puts
 	// only those in an AF_INET table, this guards against anything else.
-	if (!ep || !t || ep->addr[0] != 0 || ep->addr[1] != 0 || ep->addr[2] != bpf_htonl(0xffff))
-		return 1;
 	__u32 orig[4] = {0, 0, bpf_htonl(0xffff), dst};
-	if (!remember(ctx, t, ep, orig, 1))
+	if (!ep || !t || !is_v4_mapped(ep) || !remember(ctx, k.cookie, t, ep, orig, 1)) {
+		forget(ctx);
 		return 1;
+	}
 	ctx->user_ip4 = ep->addr[3];
 	ctx->user_port = ep->port;
 	return 1;
@@ -270,21 +425,34 @@ int sock_connect6(struct bpf_sock_addr *ctx)
 		.cookie = 0,
 		.port = bpf_ntohs((__u16)ctx->user_port),
 	};
-	if (orig[0] != 0 || orig[1] != 0)
-		return 1;
-	if (orig[2] == 0 && orig[3] == bpf_htonl(1))
+	if (orig[0] == 0 && orig[1] == 0 && orig[2] == 0 && orig[3] == bpf_htonl(1))
 		k.family = AF_INET6; // ::1
-	else if (orig[2] == bpf_htonl(0xffff) && (bpf_ntohl(orig[3]) >> 24) == 127)
+	else if (orig[0] == 0 && orig[1] == 0 && orig[2] == bpf_htonl(0xffff) &&
+		 (bpf_ntohl(orig[3]) >> 24) == 127)
 		k.family = AF_INET; // ::ffff:127.x.y.z is IPv4 loopback traffic
-	else
+	else {
+		forget(ctx);
 		return 1;
+	}
 	k.cookie = bpf_get_netns_cookie(ctx);
 	struct table *t = 0;
 	struct endpoint *ep = pick(&k, &t);
-	if (!ep || !t)
+	if (!ep || !t) {
+		forget(ctx);
 		return 1;
-	if (!remember(ctx, t, ep, orig, 0))
+	}
+	// A connect to ::1 may come from an IPV6_V6ONLY socket, which cannot
+	// reach a v4-mapped address: such a table is a daemon's mistake, and
+	// the relay serves the connect rather than the kernel failing it.
+	if (k.family == AF_INET6 && is_v4_mapped(ep)) {
+		count(STAT_V6ONLY);
+		forget(ctx);
 		return 1;
+	}
+	if (!remember(ctx, k.cookie, t, ep, orig, 0)) {
+		forget(ctx);
+		return 1;
+	}
 	ctx->user_ip6[0] = ep->addr[0];
 	ctx->user_ip6[1] = ep->addr[1];
 	ctx->user_ip6[2] = ep->addr[2];
@@ -324,21 +492,73 @@ int sock_getpeername6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-// report marks the socket's endpoint dead, counts the failure once per
-// socket and tells the daemon.
-static __always_inline void report(struct sock_state *st, __u32 kind)
+// spend takes one report from the namespace's budget.
+static __always_inline int spend(__u64 cookie, __u64 now)
 {
-	__u64 now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&dead, &st->ep, &now, BPF_ANY);
+	struct budget *b = bpf_map_lookup_elem(&budgets, &cookie);
+	if (!b) {
+		struct budget full = {.at = now, .tokens = EVENT_BURST - 1};
+		bpf_map_update_elem(&budgets, &cookie, &full, BPF_ANY);
+		return 1;
+	}
+	// Racy between CPUs, which can only make the budget a little larger.
+	__u64 refill = (now - b->at) * EVENT_RATE / (1000ULL * 1000 * 1000);
+	if (refill > 0) {
+		__u64 tokens = b->tokens + refill;
+		b->tokens = tokens > EVENT_BURST ? EVENT_BURST : tokens;
+		b->at = now;
+	}
+	if (b->tokens == 0)
+		return 0;
+	b->tokens--;
+	return 1;
+}
+
+// report marks the socket's endpoint dead for its namespace, counts the
+// failure once per socket and tells the daemon.
+static __always_inline void report(struct sock_state *st, enum event_kind kind)
+{
 	if (st->reported)
 		return;
 	st->reported = 1;
+	__u64 now = bpf_ktime_get_ns();
+	if (!spend(st->cookie, now)) {
+		count(STAT_OVER_BUDGET);
+		return;
+	}
+	struct dead_key k = {.cookie = st->cookie};
+	__builtin_memcpy(&k.ep, &st->ep, sizeof(k.ep));
+	if (bpf_map_update_elem(&dead, &k, &now, BPF_ANY) != 0)
+		count(STAT_DEAD_FULL);
 	struct endpoint_counters *c = counters_of(st->service, &st->ep);
 	if (c)
 		__sync_fetch_and_add(&c->failures, 1);
-	struct event ev = {.service = st->service, .kind = kind};
+	struct event ev = {.cookie = st->cookie, .service = st->service, .kind = kind};
 	__builtin_memcpy(&ev.ep, &st->ep, sizeof(ev.ep));
-	bpf_ringbuf_output(&events, &ev, sizeof(ev), 0);
+	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0) != 0)
+		count(STAT_RINGBUF_FULL);
+	else
+		count(STAT_EVIDENCE);
+}
+
+// remote_failure tells whether a socket going from SYN_SENT to CLOSE was
+// ended by the other side. tcp_reset(), tcp_v4_err()/tcp_v6_err() and
+// tcp_write_err() set sk_err before tcp_done() closes the socket; the
+// application's close() or abort (SO_LINGER 0, a killed process) goes
+// through tcp_close(), which sets sk_shutdown to SHUTDOWN_MASK and leaves
+// sk_err at 0; connect(AF_UNSPEC) sets sk_err only after the state change;
+// a socket destroyed by the host (sock_diag, ss -K) has ECONNABORTED.
+static __always_inline int remote_failure(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 0;
+	struct sock___sp *s = (struct sock___sp *)bpf_skc_to_tcp_sock(sk);
+	if (!s)
+		return 0;
+	int err = BPF_CORE_READ(s, sk_err);
+	__u8 shutdown = BPF_CORE_READ(s, sk_shutdown);
+	return err != 0 && err != ECONNABORTED && shutdown != SHUTDOWN_MASK;
 }
 
 SEC("sockops")
@@ -361,10 +581,14 @@ int sock_ops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[0] != BPF_TCP_SYN_SENT)
 			break;
-		if (skops->args[1] == BPF_TCP_CLOSE)
-			report(st, EVENT_FAILED);
-		else // established: nothing more to watch
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			if (remote_failure(skops))
+				report(st, EVENT_FAILED);
+			else if (!st->reported)
+				count(STAT_LOCAL_CLOSE);
+		} else { // established: nothing more to watch
 			bpf_sock_ops_cb_flags_set(skops, 0);
+		}
 		break;
 	}
 	return 1;
