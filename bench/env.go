@@ -27,10 +27,11 @@ import (
 )
 
 // Addresses (198.18.0.0/15, the benchmarking range) and ports. Only the
-// namespaces this program creates, and the client container's, hold them.
+// namespaces this program creates, the client container's and, in the host
+// placement, the machine's end of the run's one veth hold them.
 const (
 	hostNet      = "198.19.77.0/30"
-	hostAddr     = "198.19.77.1" // bench-host end of the host–backend veth
+	hostAddr     = "198.19.77.1" // the daemon's end of its veth to the backend (either placement): the relay dials from it
 	beHostAddr   = "198.19.77.2" // backend end of it: what the SRV records name
 	clientAddr   = "198.19.77.5" // client container's end of the client–backend veth
 	beClientAddr = "198.19.77.6" // backend end of it: what direct, HAProxy and nginx dial
@@ -67,15 +68,24 @@ type contender struct {
 
 // bench is one run: its world and its results.
 type bench struct {
-	cfg     *config
-	id      string
-	dir     string // configuration and logs of this run
-	hostNS  string // where connectable and dnsmasq run
-	beNS    string // where the backends run
-	docker  *dockerAPI
-	lock    *os.File
-	started time.Time
-	elapsed time.Duration
+	cfg  *config
+	id   string
+	dir  string // configuration and logs of this run
+	runs []*placementRun
+
+	// The placement being measured, and the names of its world: tag is
+	// the run's ID and the placement's initial, so that no name of one
+	// placement's world meets the last one's while the kernel or the
+	// engine is still removing it.
+	placement   string
+	tag         string
+	hostNS      string // clean placement: where connectable and dnsmasq run
+	beNS        string // where the backends run (and dnsmasq, in the host placement)
+	machineVeth string // the run's one veth in the machine's namespace, if created
+	docker      *dockerAPI
+	lock        *os.File
+	started     time.Time
+	elapsed     time.Duration
 
 	loadBefore, loadAfter string
 	versions              [][2]string
@@ -125,10 +135,31 @@ func newBench(cfg *config) (*bench, error) {
 		cfg:    cfg,
 		id:     id,
 		dir:    dir,
-		hostNS: "cb-host-" + id,
-		beNS:   "cb-be-" + id,
 		docker: newDockerAPI(),
 	}, nil
+}
+
+// placementRun is what one placement of the daemon measured.
+type placementRun struct {
+	placement             string
+	res                   results
+	contenders            []contender
+	loadBefore, loadAfter string
+	elapsed               time.Duration
+}
+
+// startPlacement names the world of a placement and forgets the last one's
+// (torn down by then).
+func (b *bench) startPlacement(placement string) {
+	b.placement = placement
+	b.tag = b.id + placement[:1]
+	b.hostNS, b.beNS = "cb-host-"+b.tag, "cb-be-"+b.tag
+	b.machineVeth, b.mvNet = "", ""
+	b.res = results{}
+	b.contenders = nil
+	b.daemon, b.daemonKind = nil, ""
+	b.haproxy, b.nginx, b.iperf, b.hold, b.hits = nil, nil, nil, nil, nil
+	b.clientID, b.clientPID, b.clientNS = "", 0, ""
 }
 
 // onCleanup registers fn to run at the end, last registered first.
@@ -184,13 +215,20 @@ func (b *bench) lockDaemons(ctx context.Context) error {
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
+	// Held across the placements; unlock releases it after the last
+	// clean-up.
 	b.lock = f
-	// Registered before anything that needs the lock, so it runs last.
-	b.onCleanup("daemon lock", func() error {
-		_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
-		return f.Close()
-	})
 	return nil
+}
+
+// unlock releases the daemon lock, once the run's containers are gone.
+func (b *bench) unlock() {
+	if b.lock == nil {
+		return
+	}
+	_ = unix.Flock(int(b.lock.Fd()), unix.LOCK_UN)
+	b.lock.Close()
+	b.lock = nil
 }
 
 // proc is a long-running process this run started, in a process group of
@@ -257,7 +295,11 @@ func nsPath(name string) string { return "/var/run/netns/" + name }
 // setup builds the world: namespaces and veths, backends, DNS, connectable,
 // the client container and the two other proxies inside it.
 func (b *bench) setup(ctx context.Context) error {
-	logf("setting up namespaces %s and %s", b.hostNS, b.beNS)
+	if b.placement == placementClean {
+		logf("setting up namespaces %s (the daemon's) and %s (the backends')", b.hostNS, b.beNS)
+	} else {
+		logf("setting up namespace %s (the backends'), one veth to it from the machine's namespace", b.beNS)
+	}
 	if err := b.network(ctx); err != nil {
 		return err
 	}
@@ -298,11 +340,15 @@ func runAll(ctx context.Context, steps ...[]string) error {
 	return nil
 }
 
-// network creates the two namespaces and the veth between them. Every
-// command names its namespace (ip -n, ip netns exec): nothing is created in
-// the machine's own.
+// network creates the namespaces and the link from the daemon's namespace
+// to the backend's. Every command names its namespace (ip -n, ip netns
+// exec); in the machine's own, only the host placement's veth is created.
 func (b *bench) network(ctx context.Context) error {
-	for _, ns := range []string{b.hostNS, b.beNS} {
+	nss := []string{b.beNS}
+	if b.placement == placementClean {
+		nss = append(nss, b.hostNS)
+	}
+	for _, ns := range nss {
 		if _, err := command(ctx, "ip", "netns", "add", ns); err != nil {
 			return err
 		}
@@ -312,19 +358,27 @@ func (b *bench) network(ctx context.Context) error {
 			return err
 		})
 	}
-	vh, vb := "cb"+b.id+"-hb", "cb"+b.id+"-bh"
+	if err := runAll(ctx,
+		[]string{"ip", "-n", b.beNS, "link", "set", "lo", "up"},
+		// Short connections by the ten thousand: let clients reuse ports
+		// in TIME_WAIT (per-namespace setting; never the machine's).
+		[]string{"ip", "netns", "exec", b.beNS, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"},
+	); err != nil {
+		return err
+	}
+	if b.placement == placementHost {
+		_, _, err := b.machineLink(ctx)
+		return err
+	}
+	vh, vb := "cb"+b.tag+"-hb", "cb"+b.tag+"-bh"
 	return runAll(ctx,
 		[]string{"ip", "-n", b.hostNS, "link", "set", "lo", "up"},
-		[]string{"ip", "-n", b.beNS, "link", "set", "lo", "up"},
 		[]string{"ip", "-n", b.hostNS, "link", "add", vh, "type", "veth", "peer", "name", vb, "netns", b.beNS},
 		[]string{"ip", "-n", b.hostNS, "addr", "add", hostAddr + "/30", "dev", vh},
 		[]string{"ip", "-n", b.beNS, "addr", "add", beHostAddr + "/30", "dev", vb},
 		[]string{"ip", "-n", b.hostNS, "link", "set", vh, "up"},
 		[]string{"ip", "-n", b.beNS, "link", "set", vb, "up"},
-		// Short connections by the ten thousand: let clients reuse ports
-		// in TIME_WAIT (per-namespace setting).
 		[]string{"ip", "netns", "exec", b.hostNS, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"},
-		[]string{"ip", "netns", "exec", b.beNS, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"},
 	)
 }
 
@@ -375,10 +429,16 @@ func (b *bench) restartIperf(ctx context.Context) error {
 	return waitTCP(ctx, nsPath(b.beNS), fmt.Sprintf("127.0.0.1:%d", iperfPort), 15*time.Second)
 }
 
-// dns starts dnsmasq in the bench-host namespace, where the daemons run.
+// dns starts dnsmasq where the daemon can ask it: on the loopback of the
+// clean placement's namespace, or, in the host placement, on the backend's
+// end of the veth (the machine's own port 53 is not the run's to take).
 func (b *bench) dns(ctx context.Context) error {
-	args := []string{"ip", "netns", "exec", b.hostNS, "dnsmasq", "--keep-in-foreground", "--no-resolv",
-		"--no-hosts", "--conf-file=/dev/null", "--listen-address=127.0.0.1", "--bind-interfaces",
+	ns, listen := b.hostNS, "127.0.0.1"
+	if b.placement == placementHost {
+		ns, listen = b.beNS, beHostAddr
+	}
+	args := []string{"ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--no-resolv",
+		"--no-hosts", "--conf-file=/dev/null", "--listen-address=" + listen, "--bind-interfaces",
 		"--user=root", "--pid-file=", "--log-facility=-", "--port=53",
 		"--host-record=be.bench.test," + beHostAddr}
 	for name, port := range map[string]int{"web": webPort, "iperf": iperfPort, "hold": holdPort, "ready": readyPort} {
@@ -387,10 +447,18 @@ func (b *bench) dns(ctx context.Context) error {
 	if _, err := b.start("dnsmasq", args...); err != nil {
 		return err
 	}
-	if err := waitTCP(ctx, nsPath(b.hostNS), "127.0.0.1:53", 15*time.Second); err != nil {
+	if err := waitTCP(ctx, nsPath(ns), listen+":53", 15*time.Second); err != nil {
 		return fmt.Errorf("dnsmasq: %w", err)
 	}
 	return nil
+}
+
+// dnsAddr is where the daemon asks for the SRV records.
+func (b *bench) dnsAddr() string {
+	if b.placement == placementHost {
+		return beHostAddr + ":53"
+	}
+	return "127.0.0.1:53"
 }
 
 // client starts the labelled client container and gives it its veth to the
@@ -401,7 +469,7 @@ func (b *bench) client(ctx context.Context) error {
 	}
 	// Swept by label at the end, whatever else failed.
 	b.onCleanup("containers of this run", func() error { return b.docker.removeRun(context.Background(), b.id) })
-	name := "cb-client-" + b.id
+	name := "cb-client-" + b.tag
 	out, err := command(ctx, "docker", "run", "-d", "--network", "none", "--name", name,
 		"--label", testLabel+"=1", "--label", runLabel+"="+b.id,
 		"--label", fmt.Sprintf("connect.%d=web.bench.test", cWeb),
@@ -416,7 +484,7 @@ func (b *bench) client(ctx context.Context) error {
 		return err
 	}
 	b.clientNS = fmt.Sprintf("/proc/%d/ns/net", b.clientPID)
-	vb, vc := "cb"+b.id+"-bc", "cb"+b.id+"-cb"
+	vb, vc := "cb"+b.tag+"-bc", "cb"+b.tag+"-cb"
 	in := []string{"nsenter", "--net=" + b.clientNS}
 	return runAll(ctx,
 		[]string{"ip", "-n", b.beNS, "link", "add", vb, "type", "veth", "peer", "name", vc, "netns", strconv.Itoa(b.clientPID)},
@@ -459,6 +527,14 @@ func (b *bench) proxies(ctx context.Context) error {
 		}
 		return "GOMAXPROCS unset (connectable's default: half the CPUs, at least 1)"
 	}
+	// Read when the report is written, after the placement's world is gone.
+	where, admin, dns := placementWhere(b.placement), b.adminAddr(), b.dnsAddr()
+	if b.placement == placementClean {
+		where += " (" + b.hostNS + ", entered with nsenter --net)"
+		admin += " of that namespace"
+	} else {
+		admin += ", the machine's end of the run's veth"
+	}
 	b.contenders = []contender{
 		{name: "direct", web: fmt.Sprintf("%s:%d", beClientAddr, webPort), iperf: fmt.Sprintf("%s:%d", beClientAddr, iperfPort),
 			hold:   fmt.Sprintf("%s:%d", beClientAddr, holdPort),
@@ -476,15 +552,16 @@ func (b *bench) proxies(ctx context.Context) error {
 		{name: "connectable", web: hp(cWeb), iperf: hp(cIperf), hold: hp(cHold), daemon: relayDaemon,
 			pids: func() []int { return tree(b.daemon.pid()) }, proc: func() *proc { return b.running(relayDaemon) },
 			config: func() string {
-				return "reached through localhost:<labelled port> and its REDIRECT; SRV records from dnsmasq; --iptables nft, log level info, " + procs()
+				return fmt.Sprintf("--datapath relay, the daemon %s; reached through localhost:<labelled port> and its REDIRECT, dials the backend from the daemon's namespace; "+
+					"SRV records from dnsmasq at %s; --iptables nft, log level info, %s", where, dns, procs())
 			}},
 		{name: socketContender, web: hp(cWeb), iperf: hp(cIperf), hold: hp(cHold), daemon: socketDaemon,
 			pids: func() []int { return tree(b.daemon.pid()) }, proc: func() *proc { return b.running(socketDaemon) },
 			config: func() string {
-				return fmt.Sprintf("the same daemon with --datapath socket (pins on a bpffs of the run's own, admin on %s "+
-					"of the bench-host namespace): its eBPF programs send the client's connect() to localhost:<labelled port> straight to the endpoint "+
+				return fmt.Sprintf("the same daemon with --datapath socket, %s (pins on a bpffs of the run's own, admin on %s): "+
+					"its eBPF programs send the client's connect() to localhost:<labelled port> straight to the endpoint "+
 					"(the client namespace routes %s over its veth to the backend), the relay beneath as fallback; checked through /status "+
-					"and connectable_socket_connects_total after every start and run; %s", adminAddr, hostNet, procs())
+					"and connectable_socket_connects_total after every start and run; %s", where, admin, hostNet, procs())
 			}},
 	}
 	var chosen []contender
@@ -805,5 +882,9 @@ func (b *bench) printPause() {
 		}
 		logf("  %-18s web %s, iperf3 %s, hold %s%s", c.name, c.web, c.iperf, c.hold, pids)
 	}
-	logf("  connectable (%s daemon) runs in namespace %s (nsenter --net=%s ...); the other contender's daemon is not running", b.daemonKind, b.hostNS, nsPath(b.hostNS))
+	if b.placement == placementClean {
+		logf("  connectable (%s daemon) runs in namespace %s (nsenter --net=%s ...); the other contender's daemon is not running", b.daemonKind, b.hostNS, nsPath(b.hostNS))
+	} else {
+		logf("  connectable (%s daemon) runs in the machine's namespace; the other contender's daemon is not running", b.daemonKind)
+	}
 }

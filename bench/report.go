@@ -53,23 +53,45 @@ func (b *bench) report() string {
 	fmt.Fprintf(&w, "- Mode: %s: %d rounds (contenders interleaved, order rotated each round), ab %v, wrk %v, iperf3 %v (+1 s omitted) per run; %d idle connections; set-up %d one by one, %d at once\n",
 		mode, b.cfg.rounds, b.cfg.abDur, b.cfg.wrkDur, b.cfg.iperfDur, b.cfg.conns, b.cfg.seq, b.cfg.burst)
 	fmt.Fprintf(&w, "- Command: `%s`; took %v\n", strings.Join(os.Args, " "), b.elapsed.Round(time.Second))
-	fmt.Fprintf(&w, "- Client: ab, wrk and iperf3 of the host, run with nsenter in the network namespace of a labelled busybox container (--network none plus one veth to the backend namespace, and a route over it to the endpoints' /30)\n\n")
+	fmt.Fprintf(&w, "- Client: ab, wrk and iperf3 of the host, run with nsenter in the network namespace of a labelled busybox container (--network none plus one veth to the backend namespace, and a route over it to the endpoints' /30)\n")
+	var ps []string
+	for _, pr := range b.runs {
+		ps = append(ps, fmt.Sprintf("**%s**: the daemon %s (took %v, load %s before, %s after)",
+			pr.placement, placementWhere(pr.placement), pr.elapsed.Round(time.Second), pr.loadBefore, pr.loadAfter))
+	}
+	fmt.Fprintf(&w, "- Daemon placements, one after the other, each with a world of its own and every contender measured in each: %s\n\n", strings.Join(ps, "; "))
+	for _, pr := range b.runs {
+		w.WriteString(b.placementReport(pr))
+	}
+	w.WriteString("## Versions\n\n| Program | Version |\n|---|---|\n")
+	for _, v := range b.versions {
+		fmt.Fprintf(&w, "| %s | %s |\n", v[0], v[1])
+	}
+	return w.String()
+}
 
-	fmt.Fprintf(&w, "## Results\n\nMedian (min–max) over the rounds; × = ratio of medians to direct.\n\n")
+// placementReport is the tables of one placement of the daemon; each
+// heading names the placement.
+func (b *bench) placementReport(pr *placementRun) string {
+	var w strings.Builder
+	res := &pr.res
+	at := fmt.Sprintf("daemon placement %s", pr.placement)
+	fmt.Fprintf(&w, "## Results, %s\n\nThe daemon %s; load average %s before, %s after. Median (min–max) over the rounds; × = ratio of medians to direct.\n\n",
+		at, placementWhere(pr.placement), pr.loadBefore, pr.loadAfter)
 	names := []string{}
-	for _, c := range b.contenders {
+	for _, c := range pr.contenders {
 		names = append(names, c.name)
 	}
 	fmt.Fprintf(&w, "| Workload | %s |\n|---|%s\n", strings.Join(names, " | "), strings.Repeat("---:|", len(names)))
 	direct := map[string]bool{"direct": true}
 	rows := []row{
-		{"New connection per request (ab -c 20), req/s", b.res.abRPS, "%.0f", nil},
-		{"Keep-alive (wrk -c 50), req/s", b.res.wrkRPS, "%.0f", nil},
-		{"Keep-alive latency p50, ms", b.res.wrkP50, "%.2f", nil},
-		{"Keep-alive latency p99, ms", b.res.wrkP99, "%.2f", nil},
-		{"Bulk (iperf3, 1 stream), Gbit/s", b.res.iperfGbps, "%.2f", nil},
-		{fmt.Sprintf("Idle connection, proxy's growth, KiB Pss each (%d held)", b.cfg.conns), b.res.memPSS, "%.1f", direct},
-		{"Idle connection, proxy's growth, KiB Rss each", b.res.memRSS, "%.1f", direct},
+		{"New connection per request (ab -c 20), req/s", res.abRPS, "%.0f", nil},
+		{"Keep-alive (wrk -c 50), req/s", res.wrkRPS, "%.0f", nil},
+		{"Keep-alive latency p50, ms", res.wrkP50, "%.2f", nil},
+		{"Keep-alive latency p99, ms", res.wrkP99, "%.2f", nil},
+		{"Bulk (iperf3, 1 stream), Gbit/s", res.iperfGbps, "%.2f", nil},
+		{fmt.Sprintf("Idle connection, proxy's growth, KiB Pss each (%d held)", b.cfg.conns), res.memPSS, "%.1f", direct},
+		{"Idle connection, proxy's growth, KiB Rss each", res.memRSS, "%.1f", direct},
 	}
 	for _, r := range rows {
 		if len(r.s) == 0 {
@@ -102,17 +124,17 @@ func (b *bench) report() string {
 	w.WriteString("\n")
 
 	var seqNames []string
-	for _, c := range b.contenders {
-		if len(b.res.seq[c.name]) > 0 {
+	for _, c := range pr.contenders {
+		if len(res.seq[c.name]) > 0 {
 			seqNames = append(seqNames, c.name)
 		}
 	}
 	if len(seqNames) > 0 {
-		fmt.Fprintf(&w, "## Set-up latency\n\n| Measure | %s |\n|---|%s\n", strings.Join(seqNames, " | "), strings.Repeat("---:|", len(seqNames)))
+		fmt.Fprintf(&w, "## Set-up latency, %s\n\n| Measure | %s |\n|---|%s\n", at, strings.Join(seqNames, " | "), strings.Repeat("---:|", len(seqNames)))
 		cells := func(f func(s []time.Duration) string) string {
 			var out []string
 			for _, n := range seqNames {
-				out = append(out, f(sortedDurations(b.res.seq[n])))
+				out = append(out, f(sortedDurations(res.seq[n])))
 			}
 			return strings.Join(out, " | ")
 		}
@@ -121,8 +143,8 @@ func (b *bench) report() string {
 		fmt.Fprintf(&w, "| … worst | %s |\n| … best | %s |\n", cells(func(s []time.Duration) string { return ms(s[len(s)-1]) }),
 			cells(func(s []time.Duration) string { return ms(s[0]) }))
 		fmt.Fprintf(&w, "| … served | %s |\n", cells(func(s []time.Duration) string { return fmt.Sprintf("%d of %d", len(s), b.cfg.seq) }))
-		if len(b.res.seqSocket) > 0 {
-			s := sortedDurations(b.res.seqSocket)
+		if len(res.seqSocket) > 0 {
+			s := sortedDurations(res.seqSocket)
 			var out []string
 			for _, n := range seqNames {
 				if n == socketContender {
@@ -135,8 +157,8 @@ func (b *bench) report() string {
 		}
 		w.WriteString("\n")
 	}
-	if br := b.res.burst; br != nil {
-		w.WriteString("## Many containers at once (connectable, relay)\n\n| Measure | Value |\n|---|---:|\n")
+	if br := res.burst; br != nil {
+		fmt.Fprintf(&w, "## Many containers at once (connectable, relay), %s\n\n| Measure | Value |\n|---|---:|\n", at)
 		fmt.Fprintf(&w, "| %d containers started at once: first start call → all served | %s (%d of %d served) |\n", br.n, sec(br.allServed), br.served, br.n)
 		fmt.Fprintf(&w, "| … of which the engine took to start them all | %s |\n", sec(br.allStarted))
 		if len(br.lag) > 0 {
@@ -146,29 +168,29 @@ func (b *bench) report() string {
 		w.WriteString("\n")
 	}
 
-	w.WriteString(b.targets())
+	w.WriteString(b.targets(pr))
 
-	w.WriteString("## Contenders\n\n")
-	for _, c := range b.contenders {
+	fmt.Fprintf(&w, "## Contenders, %s\n\n", at)
+	for _, c := range pr.contenders {
 		fmt.Fprintf(&w, "- **%s**: %s\n", c.name, c.config())
 	}
-	fmt.Fprintf(&w, "- backend: nginx (worker_processes auto, no access log, keep-alive without a request limit) returning a fixed %d-byte body; iperf3 -s; all in a namespace of their own, one veth hop from the client namespace (direct, HAProxy, nginx, connectable socket) and from connectable's namespace (the relay dials from there)\n\n", bodySize)
-
-	w.WriteString("## Versions\n\n| Program | Version |\n|---|---|\n")
-	for _, v := range b.versions {
-		fmt.Fprintf(&w, "| %s | %s |\n", v[0], v[1])
+	daemonNS := "a namespace of its own"
+	if pr.placement == placementHost {
+		daemonNS = "the machine's namespace, over the run's one veth there"
 	}
-	w.WriteString("\n## Commands\n\n")
-	for _, c := range b.res.commands {
+	fmt.Fprintf(&w, "- backend: nginx (worker_processes auto, no access log, keep-alive without a request limit) returning a fixed %d-byte body; iperf3 -s; all in a namespace of their own, one veth hop from the client namespace (direct, HAProxy, nginx, connectable socket) and from the daemon's namespace, %s (the relay dials from there)\n\n", bodySize, daemonNS)
+
+	fmt.Fprintf(&w, "## Commands, %s\n\n", at)
+	for _, c := range res.commands {
 		fmt.Fprintf(&w, "- `%s`\n", strings.ReplaceAll(c, "`", "'"))
 	}
-	if len(b.res.notes) > 0 {
-		w.WriteString("\n## Notes\n\n")
-		for _, n := range b.res.notes {
+	if len(res.notes) > 0 {
+		fmt.Fprintf(&w, "\n## Notes, %s\n\n", at)
+		for _, n := range res.notes {
 			fmt.Fprintf(&w, "- %s\n", n)
 		}
 	}
-	w.WriteString("\n## Raw values (per round, in round order)\n\n")
+	fmt.Fprintf(&w, "\n## Raw values, %s (per round, in round order)\n\n", at)
 	for _, r := range rows {
 		if len(r.s) == 0 {
 			continue
@@ -186,7 +208,7 @@ func (b *bench) report() string {
 		w.WriteString("\n")
 	}
 	for _, n := range names {
-		if v := b.res.seq[n]; len(v) > 0 {
+		if v := res.seq[n]; len(v) > 0 {
 			parts := []string{}
 			for _, d := range v {
 				parts = append(parts, ms(d))
@@ -194,20 +216,22 @@ func (b *bench) report() string {
 			fmt.Fprintf(&w, "- set-up one by one through %s, in start order: %s\n", n, strings.Join(parts, " "))
 		}
 	}
-	if len(b.res.seqSocket) > 0 {
+	if len(res.seqSocket) > 0 {
 		parts := []string{}
-		for _, d := range b.res.seqSocket {
+		for _, d := range res.seqSocket {
 			parts = append(parts, ms(d))
 		}
 		fmt.Fprintf(&w, "- set-up one by one through %s, until the socket path served, in start order: %s\n", socketContender, strings.Join(parts, " "))
 	}
+	w.WriteString("\n")
 	return w.String()
 }
 
-// targets checks issue 7's targets against the medians.
-func (b *bench) targets() string {
+// targets checks issue 7's targets against one placement's medians.
+func (b *bench) targets(pr *placementRun) string {
 	var w strings.Builder
-	w.WriteString("## Targets\n\n| Target | Measured | Result |\n|---|---|---|\n")
+	res := &pr.res
+	fmt.Fprintf(&w, "## Targets, daemon placement %s\n\n| Target | Measured | Result |\n|---|---|---|\n", pr.placement)
 	line := func(target, measured string, ok bool) {
 		res := "MISS"
 		if ok {
@@ -229,44 +253,46 @@ func (b *bench) targets() string {
 		line(fmt.Sprintf("%s ≥ %.2f× the better of HAProxy and nginx", what, want),
 			fmt.Sprintf("%.2f× (connectable %.0f, %s %.0f req/s)", c/best, c, name, best), c/best >= want)
 	}
-	if len(b.res.abRPS) > 0 {
-		vsBest(b.res.abRPS, "New connection per request", targetNewConn)
+	if len(res.abRPS) > 0 {
+		vsBest(res.abRPS, "New connection per request", targetNewConn)
 	}
-	if len(b.res.wrkRPS) > 0 {
-		vsBest(b.res.wrkRPS, "Keep-alive", targetKeepAlive)
+	if len(res.wrkRPS) > 0 {
+		vsBest(res.wrkRPS, "Keep-alive", targetKeepAlive)
 	}
-	if len(b.res.iperfGbps) > 0 {
-		c, d := median(b.res.iperfGbps["connectable"]), median(b.res.iperfGbps["direct"])
+	if len(res.iperfGbps) > 0 {
+		c, d := median(res.iperfGbps["connectable"]), median(res.iperfGbps["direct"])
 		r := 0.0
 		if d > 0 {
 			r = c / d
 		}
 		line(fmt.Sprintf("Bulk ≥ %.2f× direct", targetBulk), fmt.Sprintf("%.2f× (%.2f of %.2f Gbit/s)", r, c, d), r >= targetBulk)
 	}
-	if v := b.res.memPSS["connectable"]; len(v) > 0 {
+	if v := res.memPSS["connectable"]; len(v) > 0 {
 		m := median(v)
-		line(fmt.Sprintf("Idle relayed connection ≤ %.0f KiB", targetIdleKiB), fmt.Sprintf("%.1f KiB Pss (%.1f KiB Rss)", m, median(b.res.memRSS["connectable"])), m <= targetIdleKiB)
+		line(fmt.Sprintf("Idle relayed connection ≤ %.0f KiB", targetIdleKiB), fmt.Sprintf("%.1f KiB Pss (%.1f KiB Rss)", m, median(res.memRSS["connectable"])), m <= targetIdleKiB)
 	}
-	if seq := b.res.seq["connectable"]; len(seq) > 0 {
+	if seq := res.seq["connectable"]; len(seq) > 0 {
 		s := sortedDurations(seq)
 		line(fmt.Sprintf("Set-up median ≤ %s", ms(targetSetupMed)), ms(durMedian(s)), durMedian(s) <= targetSetupMed && len(seq) == b.cfg.seq)
 		line(fmt.Sprintf("Set-up worst ≤ %s", ms(targetSetupMax)), ms(s[len(s)-1]), s[len(s)-1] <= targetSetupMax && len(seq) == b.cfg.seq)
 	}
-	if br := b.res.burst; br != nil {
+	if br := res.burst; br != nil {
 		line(fmt.Sprintf("%d containers at once all served ≤ %s", br.n, sec(targetBurst)),
 			fmt.Sprintf("%s (the engine's part: %s)", sec(br.allServed), sec(br.allStarted)), br.served == br.n && br.allServed <= targetBurst)
 	}
 	w.WriteString("\n")
 	if b.cfg.contenders[socketContender] {
-		w.WriteString(b.socketTargets())
+		w.WriteString(b.socketTargets(pr))
 	}
 	return w.String()
 }
 
-// socketTargets checks the socket data path's targets against the medians.
-func (b *bench) socketTargets() string {
+// socketTargets checks the socket data path's targets against one
+// placement's medians.
+func (b *bench) socketTargets(pr *placementRun) string {
 	var w strings.Builder
-	w.WriteString("### connectable socket (issue 14)\n\n| Target | Measured | Result |\n|---|---|---|\n")
+	res := &pr.res
+	fmt.Fprintf(&w, "### connectable socket (issue 14), daemon placement %s\n\n| Target | Measured | Result |\n|---|---|---|\n", pr.placement)
 	line := func(target, measured string, ok bool) {
 		res := "MISS"
 		if ok {
@@ -286,21 +312,21 @@ func (b *bench) socketTargets() string {
 		}
 		line(target, fmt.Sprintf("%.2f× ("+format+" of "+format+" %s)", c/d, c, d, unit), c/d >= targetSocketRatio)
 	}
-	vsDirect(b.res.abRPS, "New connection per request", "req/s", "%.0f")
-	vsDirect(b.res.wrkRPS, "Keep-alive", "req/s", "%.0f")
-	vsDirect(b.res.iperfGbps, "Bulk", "Gbit/s", "%.2f")
-	if v := b.res.memPSS[socketContender]; len(v) > 0 {
-		m, relayed := median(v), b.res.memRelayed[socketContender]
+	vsDirect(res.abRPS, "New connection per request", "req/s", "%.0f")
+	vsDirect(res.wrkRPS, "Keep-alive", "req/s", "%.0f")
+	vsDirect(res.iperfGbps, "Bulk", "Gbit/s", "%.2f")
+	if v := res.memPSS[socketContender]; len(v) > 0 {
+		m, relayed := median(v), res.memRelayed[socketContender]
 		line(fmt.Sprintf("No relay memory per idle connection: none relayed, daemon growth ≤ %.1f KiB each", targetSocketIdleKiB),
-			fmt.Sprintf("%d of %d relayed; %.2f KiB Pss (%.2f KiB Rss) each", relayed, b.cfg.conns, m, median(b.res.memRSS[socketContender])),
+			fmt.Sprintf("%d of %d relayed; %.2f KiB Pss (%.2f KiB Rss) each", relayed, b.cfg.conns, m, median(res.memRSS[socketContender])),
 			relayed == 0 && m <= targetSocketIdleKiB)
 	}
-	if seq := b.res.seq[socketContender]; len(seq) > 0 {
+	if seq := res.seq[socketContender]; len(seq) > 0 {
 		s := sortedDurations(seq)
 		line(fmt.Sprintf("docker run → first request served, median ≤ %s", ms(targetSocketSetupMed)),
 			fmt.Sprintf("%s (p90 %s)", ms(durMedian(s)), ms(pct(s, 0.9))), durMedian(s) <= targetSocketSetupMed && len(seq) == b.cfg.seq)
-		if len(b.res.seqSocket) > 0 {
-			ss := sortedDurations(b.res.seqSocket)
+		if len(res.seqSocket) > 0 {
+			ss := sortedDurations(res.seqSocket)
 			line(fmt.Sprintf("… first request through the socket path itself, median ≤ %s", ms(targetSocketSetupMed)),
 				fmt.Sprintf("%s (p90 %s)", ms(durMedian(ss)), ms(pct(ss, 0.9))), durMedian(ss) <= targetSocketSetupMed && len(ss) == b.cfg.seq)
 		}

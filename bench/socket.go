@@ -28,36 +28,50 @@ const (
 	relayDaemon  = "relay"
 	socketDaemon = "socket"
 
-	// The socket daemon's admin endpoint, on the loopback of the bench-host
-	// namespace: /status says which path serves each port, /metrics what
-	// the kernel counted.
-	adminAddr = "127.0.0.1:19999"
+	// The socket daemon's admin endpoint: /status says which path serves
+	// each port, /metrics what the kernel counted. On the loopback of the
+	// clean placement's namespace; in the host placement on the machine's
+	// end of the run's veth, an address only this run holds (another
+	// daemon on the machine may have the loopback port).
+	adminPort = 19999
 
 	// The set-up latency containers of the socket contender sit on a
 	// macvlan Docker network whose parent is the one veth this run puts in
 	// the machine's namespace; its peer, in the backend namespace, is their
-	// gateway. Frames pass the machine's namespace below IP: no address,
-	// route or iptables rule there. (A --network none container has no
-	// route to any endpoint, so the socket path would never serve it.)
+	// gateway. Their frames pass the machine's namespace below IP. (A
+	// --network none container has no route to any endpoint, so the
+	// socket path would never serve it.)
 	mvSubnet = "198.18.77.0/24"
 	beMvAddr = "198.18.77.1"
 )
 
-// daemonArgs is the command line of one kind of daemon.
+// adminAddr is where the socket daemon serves /status and /metrics.
+func (b *bench) adminAddr() string {
+	if b.placement == placementHost {
+		return fmt.Sprintf("%s:%d", hostAddr, adminPort)
+	}
+	return fmt.Sprintf("127.0.0.1:%d", adminPort)
+}
+
+// daemonArgs is the command line of one kind of daemon. Each names its data
+// path: the daemon's default is not the relay for ever.
 func (b *bench) daemonArgs(kind string) []string {
 	admin := ""
 	if kind == socketDaemon {
-		admin = adminAddr
+		admin = b.adminAddr()
 	}
-	// nsenter, not ip netns exec: the daemon must stay in the machine's
-	// mount namespace, where the engine keeps mounting new containers'
-	// namespaces (ip netns exec's copy of the mounts never sees them, and
-	// the daemon then refuses those containers) and where the cgroup2
-	// root is.
-	argv := []string{"nsenter", "--net=" + nsPath(b.hostNS), b.cfg.connectable,
-		"--dns", "127.0.0.1:53", "--iptables", "nft", "--admin", admin, "--drain-timeout", "1s"}
+	argv := []string{b.cfg.connectable,
+		"--dns", b.dnsAddr(), "--iptables", "nft", "--admin", admin, "--drain-timeout", "1s", "--datapath", kind}
 	if kind == socketDaemon {
-		argv = append(argv, "--datapath", "socket", "--bpf-dir", b.bpfDir())
+		argv = append(argv, "--bpf-dir", b.bpfDir())
+	}
+	if b.placement == placementClean {
+		// nsenter, not ip netns exec: the daemon must stay in the
+		// machine's mount namespace, where the engine keeps mounting new
+		// containers' namespaces (ip netns exec's copy of the mounts
+		// never sees them, and the daemon then refuses those containers)
+		// and where the cgroup2 root is.
+		argv = append([]string{"nsenter", "--net=" + nsPath(b.hostNS)}, argv...)
 	}
 	// The memory workload holds 2000 idle connections through one
 	// namespace, above the default cap where the hard file limit is 20000.
@@ -157,52 +171,44 @@ func (b *bench) mountsForSocket() error {
 	return nil
 }
 
-// macvlan adds the run's one veth in the machine's namespace (no address,
-// so no route), its peer in the backend namespace as gateway, and a macvlan
-// Docker network on it for the socket contender's set-up containers.
+// macvlan puts a macvlan Docker network for the socket contender's set-up
+// containers on the run's veth in the machine's namespace, with the veth's
+// peer in the backend namespace as their gateway.
 func (b *bench) macvlan(ctx context.Context) error {
-	vm, vb := "cb"+b.id+"-mv", "cb"+b.id+"-bm"
-	if _, err := command(ctx, "ip", "link", "add", vm, "type", "veth", "peer", "name", vb, "netns", b.beNS); err != nil {
+	vm, vb, err := b.machineLink(ctx)
+	if err != nil {
 		return err
 	}
-	b.onCleanup("veth "+vm, func() error {
-		// Gone already if the backend namespace went first.
-		if _, err := net.InterfaceByName(vm); err != nil {
-			return nil
-		}
-		_, err := command(context.Background(), "ip", "link", "del", vm)
-		return err
-	})
-	if err := runAll(ctx,
-		[]string{"ip", "link", "set", vm, "up"},
-		[]string{"ip", "-n", b.beNS, "addr", "add", beMvAddr + "/24", "dev", vb},
-		[]string{"ip", "-n", b.beNS, "link", "set", vb, "up"},
-	); err != nil {
+	if _, err := command(ctx, "ip", "-n", b.beNS, "addr", "add", beMvAddr+"/24", "dev", vb); err != nil {
 		return err
 	}
-	b.mvNet = "cb-mv-" + b.id
+	b.mvNet = "cb-mv-" + b.tag
 	if _, err := command(ctx, "docker", "network", "create", "-d", "macvlan", "--subnet", mvSubnet, "--gateway", beMvAddr,
 		"-o", "parent="+vm, "-o", "macvlan_mode=bridge", "--label", testLabel+"=1", "--label", runLabel+"="+b.id, b.mvNet); err != nil {
 		return err
 	}
-	b.onCleanup("docker network "+b.mvNet, func() error {
+	mvNet := b.mvNet
+	b.onCleanup("docker network "+mvNet, func() error {
 		// Containers left on it by a failed run go first.
 		if err := b.docker.removeRun(context.Background(), b.id); err != nil {
 			return err
 		}
-		_, err := command(context.Background(), "docker", "network", "rm", b.mvNet)
+		_, err := command(context.Background(), "docker", "network", "rm", mvNet)
 		return err
 	})
 	return nil
 }
 
 // adminGet fetches path from the socket daemon's admin endpoint, dialled
-// from the bench-host namespace.
+// from the daemon's namespace.
 func (b *bench) adminGet(ctx context.Context, path string) ([]byte, error) {
 	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var d net.Dialer
+		if b.placement == placementHost {
+			return d.DialContext(ctx, network, addr)
+		}
 		var c net.Conn
 		err := netns.Do(nsPath(b.hostNS), func() (err error) {
-			var d net.Dialer
 			c, err = d.DialContext(ctx, network, addr)
 			return err
 		})
@@ -210,7 +216,7 @@ func (b *bench) adminGet(ctx context.Context, path string) ([]byte, error) {
 	}}
 	defer tr.CloseIdleConnections()
 	cl := &http.Client{Transport: tr, Timeout: 10 * time.Second}
-	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+adminAddr+path, nil)
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://"+b.adminAddr()+path, nil)
 	if err != nil {
 		return nil, err
 	}

@@ -431,8 +431,8 @@ func (b *bench) seqLatency(ctx context.Context, c contender) error {
 	logf("set-up latency through %s: %d containers one by one", c.name, b.cfg.seq)
 	var ids []string
 	for i := 0; i < b.cfg.seq; i++ {
-		path := fmt.Sprintf("/seq-%s-%s-%d", b.id, c.daemon, i)
-		argv := []string{"docker", "run", "-d", "--network", network, "--name", fmt.Sprintf("cb-seq-%s-%s-%d", b.id, c.daemon, i),
+		path := fmt.Sprintf("/seq-%s-%s-%d", b.tag, c.daemon, i)
+		argv := []string{"docker", "run", "-d", "--network", network, "--name", fmt.Sprintf("cb-seq-%s-%s-%d", b.tag, c.daemon, i),
 			"--label", testLabel + "=1", "--label", runLabel + "=" + b.id}
 		for k, v := range labels {
 			argv = append(argv, "--label", k+"="+v)
@@ -487,13 +487,13 @@ func (b *bench) burstLatency(ctx context.Context) error {
 		sem     = make(chan struct{}, 4)
 	)
 	for i := range n {
-		paths[i] = fmt.Sprintf("/burst-%s-%d", b.id, i)
+		paths[i] = fmt.Sprintf("/burst-%s-%d", b.tag, i)
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			id, err := b.docker.create(ctx, fmt.Sprintf("cb-burst-%s-%d", b.id, i), b.id, labels, readyScript(paths[i], "20000"))
+			id, err := b.docker.create(ctx, fmt.Sprintf("cb-burst-%s-%d", b.tag, i), b.id, labels, readyScript(paths[i], "20000"))
 			errMu.Lock()
 			defer errMu.Unlock()
 			ids[i] = id
