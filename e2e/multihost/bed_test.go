@@ -144,7 +144,8 @@ type host struct {
 
 // bed is the three hosts and their switch.
 type bed struct {
-	t      *testing.T
+	t      *testing.T // the running (sub)test
+	root   *testing.T // the test that owns the bed
 	sw     string // the switch namespace's path
 	swName string
 	hosts  []*host
@@ -152,7 +153,7 @@ type bed struct {
 
 // newBed builds the switch, the hosts, their engines and Consul servers and
 // registrars. Daemons start with startDaemon.
-func newBed(t *testing.T) *bed {
+func newBed(t *testing.T, engineArgs ...string) *bed {
 	t.Helper()
 	testenv.NeedRoot(t)
 	testenv.NeedCommand(t, "dockerd", "docker", "nsenter", "ip", "nft", "busybox")
@@ -162,7 +163,7 @@ func newBed(t *testing.T) *bed {
 	testenv.GuardRootRules(t)
 	testenv.LockDaemons(t)
 
-	b := &bed{t: t}
+	b := &bed{t: t, root: t}
 	b.sw = testenv.NewNetNS(t)
 	b.swName = filepath.Base(b.sw)
 	testenv.Exec(t, b.sw, "ip", "link", "add", "br0", "type", "bridge")
@@ -185,7 +186,7 @@ func newBed(t *testing.T) *bed {
 		b.hosts = append(b.hosts, h)
 	}
 	for _, h := range b.hosts {
-		h.engine = testenv.StartEngine(t, testenv.EngineConfig{NetNS: h.ns, Bip: h.bip})
+		h.engine = testenv.StartEngine(t, testenv.EngineConfig{NetNS: h.ns, Bip: h.bip, Args: engineArgs})
 		h.engine.ImportBusybox(t)
 		t.Cleanup(func() {
 			if t.Failed() {
@@ -253,7 +254,7 @@ dns_config { allow_stale = true }
 `
 
 func (b *bed) startConsul(h *host) {
-	t := b.t
+	t := b.root
 	if h.consulD == "" {
 		h.consulD = t.TempDir()
 		if err := os.WriteFile(filepath.Join(h.consulD, "bed.hcl"), []byte(consulConfig), 0o600); err != nil {
