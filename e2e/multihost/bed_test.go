@@ -146,7 +146,7 @@ type host struct {
 type bed struct {
 	t      *testing.T // the running (sub)test
 	root   *testing.T // the test that owns the bed
-	sw     string // the switch namespace's path
+	sw     string     // the switch namespace's path
 	swName string
 	hosts  []*host
 }
