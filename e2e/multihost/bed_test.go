@@ -161,7 +161,9 @@ func newBed(t *testing.T, engineArgs ...string) *bed {
 		testenv.Skipf(t, "needs a Consul binary at %s (make consul builds it): %v", consulBinary, err)
 	}
 	testenv.GuardRootRules(t)
-	testenv.LockDaemons(t)
+	// No testenv.LockDaemons: these daemons follow the bed's own engines,
+	// never the machine's, and their socket-path programs act only on the
+	// namespaces in their own maps (checkOwnPath proves it for A's).
 
 	b := &bed{t: t, root: t}
 	b.sw = testenv.NewNetNS(t)
