@@ -279,9 +279,16 @@ func (b *bed) startConsul(h *host) {
 // the leader's host.
 func (b *bed) waitLeader(timeout time.Duration) *host {
 	b.t.Helper()
+	return b.waitNewLeader(nil, timeout)
+}
+
+// waitNewLeader is waitLeader for a leader other than old (nil: any).
+func (b *bed) waitNewLeader(old *host, timeout time.Duration) *host {
+	b.t.Helper()
 	var leader *host
 	eventually(b.t, timeout, "the Consul servers agree on a leader", func() error {
 		seen := ""
+		leader = nil
 		for _, h := range b.hosts {
 			if h.consul.exited() {
 				continue
@@ -303,6 +310,9 @@ func (b *bed) waitLeader(timeout time.Duration) *host {
 		}
 		if leader == nil {
 			return fmt.Errorf("leader %q is no host of the bed", seen)
+		}
+		if leader == old {
+			return fmt.Errorf("the servers still name %s's server", old.name)
 		}
 		return nil
 	})

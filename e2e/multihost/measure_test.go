@@ -1,9 +1,11 @@
 package multihost
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -29,6 +31,8 @@ type figures struct {
 	// the window closed; 0 if none was open there.
 	longEnd time.Duration
 	longs   int // long-lived connections open to lost instances at the fault
+	// slowest describes the three slowest requests, for diagnosis.
+	slowest string
 }
 
 // measure computes figures for a fault at t0 whose window ends at t1.
@@ -63,6 +67,14 @@ func (l *load) measure(t0, t1 time.Time, lost func(string) bool, survivors []str
 		if bad && end.After(settledAt) {
 			settledAt = end
 		}
+	}
+	slow := slices.Clone(rs)
+	slices.SortFunc(slow, func(x, y request) int { return cmp.Compare(y.dur, x.dur) })
+	for i, r := range slow[:min(3, len(slow))] {
+		if i > 0 {
+			f.slowest += ", "
+		}
+		f.slowest += fmt.Sprintf("+%v %v %s", r.start.Sub(t0).Round(time.Millisecond), r.dur.Round(time.Millisecond), r.who)
 	}
 	if !settledAt.IsZero() {
 		f.settled = settledAt.Sub(t0)
@@ -111,6 +123,21 @@ func (l *load) measure(t0, t1 time.Time, lost func(string) bool, survivors []str
 		}
 	}
 	return f
+}
+
+// waitLongEnded waits, up to limit after the fault at t0, for the
+// long-lived connections to lost instances to end, and returns f with
+// their figures over that longer window: the requests' window is the
+// fault's, but a connection's bound (--backend-timeout) may be longer.
+func (l *load) waitLongEnded(f figures, t0 time.Time, lost func(string) bool, limit time.Duration) figures {
+	for {
+		g := l.measure(t0, time.Now(), lost, nil)
+		if g.longEnd >= 0 || time.Since(t0) > limit {
+			f.longs, f.longEnd = g.longs, g.longEnd
+			return f
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 func (f figures) String() string {

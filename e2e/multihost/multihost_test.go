@@ -32,7 +32,7 @@ func TestMultihost(t *testing.T) {
 		t.Run(dp, func(t *testing.T) {
 			b.t = t
 			defer func() { b.t = t }()
-			b.startDaemon(a, dp, "--connect-timeout", "1s")
+			b.startDaemon(a, dp, "--connect-timeout", "1s", "--backend-timeout", "5s")
 			defer a.daemon.stop(sigterm, 30*time.Second)
 			l := startLoad(t, appNS, 100, 4)
 			defer l.stop()
@@ -86,6 +86,11 @@ func TestMultihost(t *testing.T) {
 				}
 				if f.lateStall > 2*time.Second {
 					t.Errorf("relay: a request started a second or more after C was cut off stalled %v; want below the connect timeout (1s) plus slack", f.lateStall)
+				}
+				// Its backend sockets carry --backend-timeout 5s: the
+				// long-lived connections to C end then, not in 15 minutes.
+				if f.longs > 0 && (f.longEnd < 0 || f.longEnd > 10*time.Second) {
+					t.Errorf("relay: long-lived connections to C ended after %s; want within --backend-timeout 5s and a little", f.longEndString())
 				}
 			}
 
