@@ -156,7 +156,7 @@ type bed struct {
 func newBed(t *testing.T, engineArgs ...string) *bed {
 	t.Helper()
 	testenv.NeedRoot(t)
-	testenv.NeedCommand(t, "dockerd", "docker", "nsenter", "ip", "nft", "busybox")
+	testenv.NeedCommand(t, "dockerd", "docker", "nsenter", "ip", "busybox")
 	if _, err := os.Stat(consulBinary); err != nil {
 		testenv.Skipf(t, "needs a Consul binary at %s (make consul builds it): %v", consulBinary, err)
 	}
@@ -317,6 +317,36 @@ func (b *bed) waitNewLeader(old *host, timeout time.Duration) *host {
 		return nil
 	})
 	return leader
+}
+
+// waitVoters waits until every Consul server is a voter in the Raft
+// configuration. A server that was cut off is removed by autopilot (its
+// dead-server clean-up) and comes back as a non-voter until it has been
+// stable for server_stabilization_time (10 s): losing another server
+// meanwhile loses the quorum.
+func (b *bed) waitVoters(timeout time.Duration) {
+	b.t.Helper()
+	eventually(b.t, timeout, "every Consul server is a Raft voter", func() error {
+		var cfg struct {
+			Servers []struct {
+				Node  string
+				Voter bool
+			}
+		}
+		if err := b.hosts[0].get(":8500/v1/operator/raft/configuration?stale", &cfg); err != nil {
+			return err
+		}
+		voters := 0
+		for _, s := range cfg.Servers {
+			if s.Voter {
+				voters++
+			}
+		}
+		if voters != len(b.hosts) {
+			return fmt.Errorf("raft configuration %+v", cfg.Servers)
+		}
+		return nil
+	})
 }
 
 // startDaemon starts connectable on host h in the data path given.

@@ -23,6 +23,7 @@ func TestMultihostFaults(t *testing.T) {
 	if !*faults {
 		t.Skip("the full fault table runs with -multihost.faults (make multihost)")
 	}
+	testenv.NeedCommand(t, "nft") // the partition's drop rules, in the switch
 	b := newBed(t, "--live-restore")
 	a, hb, hc := b.host("A"), b.host("B"), b.host("C")
 	b.backend(a, "a1")
@@ -101,6 +102,7 @@ func TestMultihostFaults(t *testing.T) {
 			settle()
 
 			// The Consul server leader killed (SIGKILL), then started again.
+			b.waitVoters(60 * time.Second)
 			leader := b.waitLeader(30 * time.Second)
 			t0 = time.Now()
 			leader.consul.stop(syscall.SIGKILL, time.Second)
@@ -114,6 +116,7 @@ func TestMultihostFaults(t *testing.T) {
 			add("Consul leader killed ("+leader.name+")", l.measure(t0, time.Now(), none, all), elect, note)
 			b.startConsul(leader)
 			b.waitLeader(60 * time.Second)
+			b.waitVoters(60 * time.Second)
 			settle()
 
 			// Host A's own agent killed: A's DNS is down, the stale cache
@@ -124,6 +127,7 @@ func TestMultihostFaults(t *testing.T) {
 			add("A's Consul agent killed (DNS down 15 s)", l.measure(t0, time.Now(), none, all), 0, "")
 			b.startConsul(a)
 			b.waitLeader(60 * time.Second)
+			b.waitVoters(60 * time.Second)
 			settle()
 
 			// Host A's engine restarted (live-restore keeps the containers).
@@ -175,5 +179,4 @@ func TestMultihostFaults(t *testing.T) {
 		}
 	}
 	fmt.Fprint(os.Stdout, sb.String())
-	_ = testenv.Strict
 }
