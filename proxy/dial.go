@@ -61,7 +61,7 @@ func (s *Server) dialService(ctx context.Context, sp *space, service string, sc 
 	defer cancel()
 	results := make(chan attempt, len(eps))
 	started := make([]time.Time, len(eps))
-	next, pending, dialled := 0, 0, 0
+	next, pending, first := 0, 0, -1
 	var errs []error
 	launch := func() {
 		for next < len(eps) {
@@ -77,6 +77,9 @@ func (s *Server) dialService(ctx context.Context, sp *space, service string, sc 
 				continue
 			}
 			started[i] = time.Now()
+			if first < 0 {
+				first = i
+			}
 			pending++
 			go func() {
 				c, err := s.dialEndpoint(actx, ep)
@@ -103,20 +106,20 @@ func (s *Server) dialService(ctx context.Context, sp *space, service string, sc 
 				cancel()
 				s.settleLosers(results, pending, eps, started, ep, sc)
 				sc.health.succeeded(ep)
-				if dialled > 0 || pending > 0 {
+				if r.i != first {
+					// Another endpoint was tried first: it failed, or
+					// was too slow and lost.
 					s.stats.failovers.Add(1)
 				}
 				return r.c, ep, nil
 			}
 			errs = append(errs, fmt.Errorf("%s: %w", ep, r.err))
-			dialled++
 			switch {
 			case errors.Is(r.err, ErrTargetRefused):
 				// The dialer's Control refused the address (a check
 				// above passed): the same as a refusal there.
 				sc.refused.Add(1)
 				s.logRefused(sp, service, ep, r.err)
-				dialled--
 			case localDialError(r.err):
 				// This host ran out of ports or descriptors; the endpoint
 				// is as good as it was.
