@@ -131,7 +131,7 @@ var options = []option{
 		count(func(c *config) *int { return &c.maxConnsPerNS })},
 	{"max-conns", "CONNECTABLE_MAX_CONNS", "0", "connections all namespaces together may have at once; 0: what the file limit allows after a reserve for DNS, Docker, admin and listeners",
 		count(func(c *config) *int { return &c.maxConns })},
-	{"max-dials-per-namespace", "CONNECTABLE_MAX_DIALS_PER_NAMESPACE", "128", "connection attempts to endpoints one namespace may have in flight at once; further connections wait their turn within --dial-timeout",
+	{"max-dials-per-namespace", "CONNECTABLE_MAX_DIALS_PER_NAMESPACE", "128", "dial phases one namespace may have in flight at once, each up to three overlapping attempts to endpoints (--connect-stagger); further connections wait their turn within --dial-timeout",
 		func(c *config, v string) error {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 {

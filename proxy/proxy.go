@@ -179,8 +179,10 @@ type Server struct {
 	MaxConns int
 	// MaxDialsPerNamespace optionally caps the dial phases running at once
 	// for one namespace, so that connections to a blackholed backend hold
-	// at most that many sockets in SYN-SENT; the others wait (within
-	// DialTimeout) for a turn. If 0, DefaultMaxDialsPerNamespace.
+	// at most that many sockets in SYN-SENT (three times that for services
+	// of several endpoints, whose attempts overlap: ConnectStagger); the
+	// others wait (within DialTimeout) for a turn. If 0,
+	// DefaultMaxDialsPerNamespace.
 	MaxDialsPerNamespace int
 	// Logger optionally receives the server's logs; if nil, slog.Default().
 	Logger *slog.Logger
