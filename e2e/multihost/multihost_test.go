@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -33,7 +34,7 @@ func TestMultihost(t *testing.T) {
 			b.t = t
 			defer func() { b.t = t }()
 			b.startDaemon(a, dp, "--connect-timeout", "1s", "--backend-timeout", "5s")
-			defer a.daemon.stop(sigterm, 30*time.Second)
+			defer a.daemon.stop(syscall.SIGTERM, 30*time.Second)
 			l := startLoad(t, appNS, 100, 4)
 			defer l.stop()
 			waitHosts(t, l, "A", "B", "C")
@@ -100,8 +101,6 @@ func TestMultihost(t *testing.T) {
 		})
 	}
 }
-
-const sigterm = 15
 
 func named(names ...string) func(string) bool {
 	return func(who string) bool { return slices.Contains(names, who) }
