@@ -30,6 +30,8 @@ type config struct {
 	dnsCacheSize   int
 	connectTimeout time.Duration
 	dialTimeout    time.Duration
+	connectStagger time.Duration
+	backendTimeout time.Duration
 	drainTimeout   time.Duration
 	halfClose      time.Duration
 	iptables       string
@@ -92,6 +94,8 @@ var options = []option{
 			return nil
 		}},
 	{"connect-timeout", "CONNECTABLE_CONNECT_TIMEOUT", "3s", "timeout of one connection attempt to one endpoint", duration(func(c *config) *time.Duration { return &c.connectTimeout })},
+	{"connect-stagger", "CONNECTABLE_CONNECT_STAGGER", "250ms", "how long a dial waits for one endpoint before trying the next alongside it (the first to connect wins), so that a silent host costs this rather than the connect timeout", duration(func(c *config) *time.Duration { return &c.connectStagger })},
+	{"backend-timeout", "CONNECTABLE_BACKEND_TIMEOUT", "30s", "how long a relayed backend connection may stay silent (data unacknowledged, or keepalive probes unanswered) before it is ended, as when its host vanished", duration(func(c *config) *time.Duration { return &c.backendTimeout })},
 	{"dial-timeout", "CONNECTABLE_DIAL_TIMEOUT", "10s", "bound on resolving and trying every endpoint for one client connection", duration(func(c *config) *time.Duration { return &c.dialTimeout })},
 	{"drain-timeout", "CONNECTABLE_DRAIN_TIMEOUT", "10s", "on shutdown, how long live connections may finish before they are closed", duration(func(c *config) *time.Duration { return &c.drainTimeout })},
 	{"half-close-timeout", "CONNECTABLE_HALF_CLOSE_TIMEOUT", "1m", "once one side of a relayed connection has closed, how long the other may stay silent before the connection is closed", duration(func(c *config) *time.Duration { return &c.halfClose })},
@@ -127,7 +131,7 @@ var options = []option{
 		count(func(c *config) *int { return &c.maxConnsPerNS })},
 	{"max-conns", "CONNECTABLE_MAX_CONNS", "0", "connections all namespaces together may have at once; 0: what the file limit allows after a reserve for DNS, Docker, admin and listeners",
 		count(func(c *config) *int { return &c.maxConns })},
-	{"max-dials-per-namespace", "CONNECTABLE_MAX_DIALS_PER_NAMESPACE", "128", "connection attempts to endpoints one namespace may have in flight at once; further connections wait their turn within --dial-timeout",
+	{"max-dials-per-namespace", "CONNECTABLE_MAX_DIALS_PER_NAMESPACE", "128", "dial phases one namespace may have in flight at once, each up to three overlapping attempts to endpoints (--connect-stagger); further connections wait their turn within --dial-timeout",
 		func(c *config, v string) error {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 {

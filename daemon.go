@@ -57,6 +57,8 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		Port:                 c.port,
 		ConnectTimeout:       c.connectTimeout,
 		DialTimeout:          c.dialTimeout,
+		ConnectStagger:       c.connectStagger,
+		BackendTimeout:       c.backendTimeout,
 		DrainTimeout:         c.drainTimeout,
 		HalfCloseTimeout:     c.halfClose,
 		Logger:               log,

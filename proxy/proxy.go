@@ -90,6 +90,10 @@ const (
 	DefaultConnectTimeout = 3 * time.Second
 	DefaultDialTimeout    = 10 * time.Second
 	DefaultDrainTimeout   = 10 * time.Second
+	// DefaultConnectStagger is RFC 8305's connection attempt delay.
+	DefaultConnectStagger = 250 * time.Millisecond
+	// DefaultBackendTimeout ends a backend connection silent for 30 s.
+	DefaultBackendTimeout = 30 * time.Second
 	// DefaultHalfCloseTimeout is long enough for a slow answer to a request
 	// whose client half-closed after sending it.
 	DefaultHalfCloseTimeout = time.Minute
@@ -143,6 +147,17 @@ type Server struct {
 	// without this bound a backend that never answers would hold the
 	// relay forever (HAProxy's "timeout client-fin" and "server-fin").
 	HalfCloseTimeout time.Duration
+	// ConnectStagger optionally sets how long a dial waits for an endpoint
+	// before trying the next one alongside it (the first to connect wins);
+	// if 0, DefaultConnectStagger.
+	ConnectStagger time.Duration
+	// BackendTimeout optionally bounds how long a backend connection may
+	// stay silent before the kernel ends it (TCP_USER_TIMEOUT, and
+	// keepalive probes when idle), so that a connection to a host that
+	// vanished ends rather than hanging; if 0, DefaultBackendTimeout; if
+	// negative, the kernel's defaults (about 15 minutes with data in
+	// flight, never when idle).
+	BackendTimeout time.Duration
 	// AllowTargets optionally opens ranges of endpoint addresses that
 	// DefaultDenyTargets closes; tests with backends on loopback name
 	// 127.0.0.0/8 here.
@@ -165,8 +180,10 @@ type Server struct {
 	MaxConns int
 	// MaxDialsPerNamespace optionally caps the dial phases running at once
 	// for one namespace, so that connections to a blackholed backend hold
-	// at most that many sockets in SYN-SENT; the others wait (within
-	// DialTimeout) for a turn. If 0, DefaultMaxDialsPerNamespace.
+	// at most that many sockets in SYN-SENT (three times that for services
+	// of several endpoints, whose attempts overlap: ConnectStagger); the
+	// others wait (within DialTimeout) for a turn. If 0,
+	// DefaultMaxDialsPerNamespace.
 	MaxDialsPerNamespace int
 	// Health optionally shares the relay's dial outcomes with the socket
 	// path's endpoint health (sockpath's Path.Tracker): the relay's dials
@@ -237,6 +254,20 @@ func (s *Server) connectTimeout() time.Duration {
 		return s.ConnectTimeout
 	}
 	return DefaultConnectTimeout
+}
+
+func (s *Server) connectStagger() time.Duration {
+	if s.ConnectStagger > 0 {
+		return s.ConnectStagger
+	}
+	return DefaultConnectStagger
+}
+
+func (s *Server) backendTimeout() time.Duration {
+	if s.BackendTimeout != 0 {
+		return s.BackendTimeout
+	}
+	return DefaultBackendTimeout
 }
 
 func (s *Server) dialTimeout() time.Duration {

@@ -111,8 +111,8 @@ func TestFailoverBlackhole(t *testing.T) {
 	hole := testenv.Blackhole(t)
 	res := newResolver(false)
 	res.set("svc", hole, live.Addr)
-	const connect = 500 * time.Millisecond
-	s := newServer(t, res, func(s *Server) { s.ConnectTimeout = connect })
+	const connect, stagger = 3 * time.Second, 100 * time.Millisecond
+	s := newServer(t, res, func(s *Server) { s.ConnectTimeout = connect; s.ConnectStagger = stagger })
 	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
 		t.Fatal(err)
 	}
@@ -122,14 +122,50 @@ func TestFailoverBlackhole(t *testing.T) {
 		t.Fatalf("reached %q; want the live backend", got)
 	}
 	elapsed := time.Since(start)
-	// The blackhole costs one connect timeout: at least that (it really
-	// hung), and far less than the 10s the whole phase may take.
-	if elapsed < connect || elapsed > 8*time.Second {
-		t.Errorf("failover past the blackhole took %v; want about %v", elapsed, connect)
+	// The blackhole costs one stagger delay: at least that (it really
+	// hung), and less than the connect timeout, which the dial no longer
+	// waits out.
+	if elapsed < stagger || elapsed >= connect {
+		t.Errorf("failover past the blackhole took %v; want about %v, below the connect timeout %v", elapsed, stagger, connect)
 	}
 	roundTrip(t, c, "past the blackhole")
+	// Silent while the live one answered, it is in back-off.
 	if st := s.Stats(); st.DialFailures[hole] != 1 {
 		t.Errorf("dial failures of the blackhole: got %d; want 1", st.DialFailures[hole])
+	}
+}
+
+// Several silent endpoints in a row do not add up their connect timeouts:
+// the attempts overlap, and the live endpoint answers a few stagger delays
+// in.
+func TestFailoverBlackholes(t *testing.T) {
+	testenv.CheckGoroutines(t)
+	live := testenv.StartBackend(t, tagEcho('l'))
+	res := newResolver(false)
+	res.set("svc", testenv.Blackhole(t), testenv.Blackhole(t), testenv.Blackhole(t), live.Addr)
+	const connect, stagger = 2 * time.Second, 100 * time.Millisecond
+	s := newServer(t, res, func(s *Server) { s.ConnectTimeout = connect; s.ConnectStagger = stagger })
+	if err := s.Apply(context.Background(), "c1", "", map[uint16]string{6000: "svc"}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	c := dialPort(t, proxyAddr(t, s, "c1"), 6000)
+	if got := readTag(t, c); got != 'l' {
+		t.Fatalf("reached %q; want the live backend", got)
+	}
+	// Three attempts at once at most: the fourth endpoint waits for the
+	// first silent one's connect timeout, once, not three of them.
+	if elapsed := time.Since(start); elapsed >= 2*connect {
+		t.Errorf("failover past three blackholes took %v; want below two connect timeouts (%v)", elapsed, 2*connect)
+	}
+	// Next time the silent ones are in back-off: the live one goes first.
+	start = time.Now()
+	c = dialPort(t, proxyAddr(t, s, "c1"), 6000)
+	if got := readTag(t, c); got != 'l' {
+		t.Fatalf("reached %q; want the live backend", got)
+	}
+	if elapsed := time.Since(start); elapsed >= stagger*5 {
+		t.Errorf("a connection after the blackholes failed took %v; want the live endpoint first", elapsed)
 	}
 }
 

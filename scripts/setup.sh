@@ -23,7 +23,7 @@ run_needs=(iptables:iptables ip6tables:iptables iptables-nft:iptables iptables-l
 test_needs=("${run_needs[@]}"
 	pkg:dnsmasq-base pkg:busybox-static
 	ip:iproute2 ss:iproute2 nsenter:util-linux unshare:util-linux flock:util-linux
-	strace:strace timeout:coreutils
+	strace:strace timeout:coreutils nft:nftables
 	docker:docker.io docker-compose:docker-compose
 	podman:podman
 	clang:clang llvm-strip:llvm pkg:libbpf-dev)

@@ -48,6 +48,7 @@ type Engine struct {
 	PID    int
 	dir    string
 	cmd    *exec.Cmd
+	args   []string // nsenter's, to start it again
 	done   chan struct{}
 	logs   SyncBuffer
 }
@@ -74,7 +75,7 @@ func StartEngine(t testing.TB, cfg EngineConfig) *Engine {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &Engine{NetNS: cfg.NetNS, Socket: filepath.Join(dir, "docker.sock"), dir: dir, done: make(chan struct{})}
+	e := &Engine{NetNS: cfg.NetNS, Socket: filepath.Join(dir, "docker.sock"), dir: dir}
 	t.Cleanup(func() {
 		if err := e.stop(); err != nil {
 			t.Error(err)
@@ -111,8 +112,15 @@ func StartEngine(t testing.TB, cfg EngineConfig) *Engine {
 	} else {
 		args = append(args, "--bridge", "none")
 	}
-	args = append(args, cfg.Args...)
-	e.cmd = exec.Command("nsenter", args...)
+	e.args = append(args, cfg.Args...)
+	e.start(t)
+	return e
+}
+
+func (e *Engine) start(t testing.TB) {
+	t.Helper()
+	e.done = make(chan struct{})
+	e.cmd = exec.Command("nsenter", e.args...)
 	e.cmd.Stdout, e.cmd.Stderr = &e.logs, &e.logs
 	// Its own process group, so that a stop reaches nothing else.
 	e.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -121,11 +129,25 @@ func StartEngine(t testing.TB, cfg EngineConfig) *Engine {
 	}
 	// nsenter execs dockerd: the PID is the engine's.
 	e.PID = e.cmd.Process.Pid
-	go func() { _ = e.cmd.Wait(); close(e.done) }()
+	done := e.done
+	go func() { _ = e.cmd.Wait(); close(done) }()
 	if err := e.waitReady(time.Minute); err != nil {
-		t.Fatalf("private engine in %s: %v\n%s", cfg.NetNS, err, e.Logs())
+		t.Fatalf("private engine in %s: %v\n%s", e.NetNS, err, e.Logs())
 	}
-	return e
+}
+
+// Restart stops the engine by its PID (SIGTERM) and starts it again on the
+// same roots, as an upgrade or a crash-and-restart of dockerd would; its
+// containers keep running through it only if it runs with --live-restore.
+func (e *Engine) Restart(t testing.TB) {
+	t.Helper()
+	_ = syscall.Kill(e.PID, syscall.SIGTERM)
+	select {
+	case <-e.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("dockerd %d did not stop within 30s of SIGTERM", e.PID)
+	}
+	e.start(t)
 }
 
 func (e *Engine) waitReady(timeout time.Duration) error {
@@ -187,6 +209,12 @@ func (e *Engine) Stop() error { return e.stop() }
 // its roots still hold and removes them.
 func (e *Engine) stop() error {
 	var errs []error
+	// Never started (or its start failed): there is no PID to signal, and
+	// kill(0) would signal the test's own process group.
+	if e.PID == 0 {
+		e.done = make(chan struct{})
+		close(e.done)
+	}
 	select {
 	case <-e.done:
 	default:
