@@ -13,7 +13,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/connectable/connectable/proxy"
+	"github.com/connectable/connectable/policy"
 	"github.com/connectable/connectable/resolver"
 )
 
@@ -117,10 +117,10 @@ var options = []option{
 			c.admin = v
 			return nil
 		}},
-	{"allow-targets", "CONNECTABLE_ALLOW_TARGETS", "", "endpoint ranges to allow although denied by default, CIDR[,CIDR...] (loopback, link-local, unspecified, multicast and broadcast are denied; the most specific prefix wins, deny on a tie)",
-		func(c *config, v string) (err error) { c.allowTargets, err = proxy.ParsePrefixes(v); return err }},
+	{"allow-targets", "CONNECTABLE_ALLOW_TARGETS", "", "endpoint ranges to allow although denied by default, CIDR[,CIDR...] (loopback, link-local, cloud metadata, unspecified, multicast, broadcast and the NAT64, 6to4 and IPv4-compatible forms of these are denied; the most specific prefix wins, deny on a tie)",
+		func(c *config, v string) (err error) { c.allowTargets, err = policy.ParsePrefixes(v); return err }},
 	{"deny-targets", "CONNECTABLE_DENY_TARGETS", "", "further endpoint ranges to deny, CIDR[,CIDR...] (e.g. the bridge subnets where --icc=false matters)",
-		func(c *config, v string) (err error) { c.denyTargets, err = proxy.ParsePrefixes(v); return err }},
+		func(c *config, v string) (err error) { c.denyTargets, err = policy.ParsePrefixes(v); return err }},
 	{"label-allow", "CONNECTABLE_LABEL_ALLOW", "", "label values allowed, PATTERN[,PATTERN...], case-insensitive, * matching any characters (e.g. *.service.consul); a label outside them is skipped; empty: any",
 		func(c *config, v string) (err error) { c.labelAllow, err = parseLabelAllow(v); return err }},
 	{"max-conns-per-namespace", "CONNECTABLE_MAX_CONNS_PER_NAMESPACE", "0", "connections one namespace may have dialled or relayed at once; more are reset; 0: an eighth of what the file limit allows (two descriptors a connection)",

@@ -12,6 +12,7 @@ import (
 	"github.com/connectable/connectable/admin"
 	"github.com/connectable/connectable/docker"
 	"github.com/connectable/connectable/iptables"
+	"github.com/connectable/connectable/policy"
 	"github.com/connectable/connectable/proxy"
 	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/resolver"
@@ -46,10 +47,11 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	}
 	nofile := raiseFileLimit(log)
 	perNS, maxConns := connCaps(c, nofile)
+	// One target policy bounds both paths.
+	pol := policy.New(c.allowTargets, c.denyTargets)
 	srv := &proxy.Server{
 		Resolver:             res,
-		AllowTargets:         c.allowTargets,
-		DenyTargets:          c.denyTargets,
+		Policy:               pol,
 		MaxConnsPerNamespace: perNS,
 		MaxConns:             maxConns,
 		MaxDialsPerNamespace: c.maxDialsPerNS,
@@ -62,7 +64,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		Logger:               log,
 	}
 	ports := docker.NewPortTable(client, log)
-	sock, err := startSocketPath(c, log, res, srv.CheckTarget, ports)
+	sock, err := startSocketPath(c, log, res, pol.Check, ports)
 	if err != nil {
 		return err
 	}

@@ -28,8 +28,9 @@
 //     by BenchmarkRequestResponse in small_test.go.
 //   - health.go, stats.go: passive endpoint health, one table per service;
 //     counters and status.
-//   - policy.go: the target policy, which addresses a dial may reach
-//     (loopback, link-local and the like are refused unless allowed).
+//   - the target policy, which addresses a dial may reach (loopback,
+//     link-local and the like are refused unless allowed), is package
+//     policy's, shared with the socket path.
 //   - limits.go: what one namespace may take: its connection cap (and the
 //     server's), its dial slots, its rate-limited connection logs.
 //
@@ -53,10 +54,12 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/connectable/connectable/netns"
 	"github.com/connectable/connectable/origdst"
+	"github.com/connectable/connectable/policy"
 )
 
 // Resolver returns the endpoints of a service in the order to try them.
@@ -142,16 +145,20 @@ type Server struct {
 	// without this bound a backend that never answers would hold the
 	// relay forever (HAProxy's "timeout client-fin" and "server-fin").
 	HalfCloseTimeout time.Duration
+	// Policy optionally is the target policy, shared with the socket path;
+	// if nil, policy.New(AllowTargets, DenyTargets). The check is made on
+	// the address dialled, whether a label or DNS named it; a refused
+	// endpoint is skipped as if absent and never counts against its
+	// health.
+	Policy *policy.Policy
 	// AllowTargets optionally opens ranges of endpoint addresses that
-	// DefaultDenyTargets closes; tests with backends on loopback name
-	// 127.0.0.0/8 here.
+	// policy.DefaultDeny closes, when Policy is nil; tests with backends
+	// on loopback name 127.0.0.0/8 here.
 	AllowTargets []netip.Prefix
-	// DenyTargets optionally closes further ranges of endpoint addresses.
-	// Of AllowTargets, DenyTargets and DefaultDenyTargets, the most
-	// specific prefix that contains an address decides, deny on a tie.
-	// The check is made on the address dialled, whether a label or DNS
-	// named it; a refused endpoint is skipped as if absent and never counts
-	// against its health.
+	// DenyTargets optionally closes further ranges of endpoint addresses,
+	// when Policy is nil. Of AllowTargets, DenyTargets and
+	// policy.DefaultDeny, the most specific prefix that contains an
+	// address decides, deny on a tie.
 	DenyTargets []netip.Prefix
 	// MaxConnsPerNamespace optionally caps the connections being dialled or
 	// relayed at once for one namespace; further ones are reset at accept.
@@ -174,7 +181,7 @@ type Server struct {
 	log      *slog.Logger
 	health   healthConfig // what each service's health table starts from
 	stats    counters
-	policy   *targetPolicy
+	policy   targetPolicy
 	active   atomic.Int64 // connections between accept and finish, all namespaces
 
 	// mu guards slots and closed, and is held only for operations on them:
@@ -206,8 +213,31 @@ func (s *Server) init() {
 		s.conns.init()
 		s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 		s.health.init()
-		s.policy = newTargetPolicy(s.AllowTargets, s.DenyTargets)
+		s.policy = targetPolicy{s.Policy}
+		if s.Policy == nil {
+			s.policy.p = policy.New(s.AllowTargets, s.DenyTargets)
+		}
 	})
+}
+
+// ErrTargetRefused is wrapped by the error of a dial the target policy
+// refused; nothing was sent to the address.
+var ErrTargetRefused = policy.ErrRefused
+
+// targetPolicy is the server's policy under the names its dials use.
+type targetPolicy struct{ p *policy.Policy }
+
+func (t targetPolicy) check(a netip.Addr) error { return t.p.Check(a) }
+
+func (t targetPolicy) control(network, address string, c syscall.RawConn) error {
+	return t.p.Control(network, address, c)
+}
+
+// CheckTarget applies the server's target policy to a: nil if the relay
+// may dial it, else why not.
+func (s *Server) CheckTarget(a netip.Addr) error {
+	s.init()
+	return s.policy.check(a)
 }
 
 func (s *Server) listen(path string, port uint16) (v4, v6 *net.TCPListener, err error) {
