@@ -145,7 +145,7 @@ var options = []option{
 			}
 			return errors.New("must be relay, socket or auto")
 		}},
-	{"bpf-dir", "CONNECTABLE_BPF_DIR", "/sys/fs/bpf/connectable", "where the socket path pins its programs and maps, on a bpffs (a bpffs is mounted at /sys/fs/bpf if none is); what is pinned keeps serving while the daemon restarts",
+	{"bpf-dir", "CONNECTABLE_BPF_DIR", "/sys/fs/bpf/connectable", "where the socket path pins its programs and maps, on a bpffs (a bpffs is mounted at /sys/fs/bpf if none is); what is pinned keeps serving while the daemon is stopped or restarts, until connectable cleanup; one daemon per directory (a lock)",
 		func(c *config, v string) error {
 			if !strings.HasPrefix(v, "/") {
 				return errors.New("must be an absolute path")
@@ -295,10 +295,19 @@ func usage(fs *flag.FlagSet, w io.Writer) {
   connectable [options]                  run the daemon
   connectable resolve NAME [options]     print the endpoints one new connection to NAME would try
   connectable status [--admin ADDR]      print what a running daemon serves, as a table
+  connectable cleanup [--bpf-dir DIR]    remove the socket path from the kernel (its
+                                         programs, links and maps) after the daemon stopped
   connectable version                    print the version
 
 Containers declare what they need with labels: connect.<port>=<service>.
 <service> is a DNS name (SRV lookup), host:port or ip:port.
+
+Signals: SIGTERM and SIGINT stop the daemon. The relay's rules leave every
+namespace and its connections drain (--drain-timeout); the socket path stays
+in the kernel, serving its ports, for the next start to adopt, so a restart
+(an upgrade) refuses no connect there. To remove it for good, stop the daemon
+and run connectable cleanup with the same --bpf-dir. One daemon per --bpf-dir:
+a second one refuses to start.
 
 Options (each also read from the environment variable shown; flags win):
 `)
