@@ -120,6 +120,9 @@ type space struct {
 	release func()
 	ends    atomic.Int32
 	served  atomic.Bool
+	// lingering is set when the space was removed while connections
+	// lived: the last to end removes it (Server.linger).
+	lingering atomic.Bool
 }
 
 // ended marks one of sp's last operations in its namespace done.

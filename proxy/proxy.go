@@ -192,6 +192,7 @@ type Server struct {
 	closed  bool
 	closing chan struct{}  // closed when Close starts
 	ops     sync.WaitGroup // Apply and Remove calls between acquire and release
+	lingers sync.WaitGroup // lingerEnded's removals
 	done    chan struct{}  // closed when Close has finished
 
 	conns connSet // every accepted connection until it has finished
@@ -309,6 +310,7 @@ func (s *Server) Apply(ctx context.Context, key, netns string, routes map[uint16
 
 	sp := sl.sp.Load()
 	if sp != nil && sp.netns == netns {
+		sp.lingering.Store(false) // labelled again
 		return s.reapply(sp, ports, routes)
 	}
 	if sp != nil {
@@ -404,14 +406,69 @@ func (s *Server) Remove(ctx context.Context, key string) error {
 	if err := ctxDone(ctx, key); err != nil {
 		return err
 	}
-	sp := sl.sp.Swap(nil)
+	sp := sl.sp.Load()
 	if sp == nil {
 		return nil
 	}
+	if s.linger(sp) {
+		return nil
+	}
+	sl.sp.Store(nil)
 	if err := s.teardown(sp); err != nil {
 		return fmt.Errorf("removing %s: %w", key, err)
 	}
 	return nil
+}
+
+// linger reports whether the removed space sp stays, rules and listeners,
+// until its relayed connections end: its namespace lost its last labelled
+// container but lives on (a container: group, a pod), and tearing down
+// would leave its clients' connections without the rules that carry them
+// and the port they expect. The last connection to end removes it
+// (lingerEnded). A namespace that is gone is torn down at once. The
+// caller holds sp's slot.
+func (s *Server) linger(sp *space) bool {
+	if sp.active.Load() == 0 || gone(sp.netns) {
+		return false
+	}
+	if !sp.lingering.Swap(true) {
+		s.log.Info("namespace no longer labelled; its rules and listener stay until its relayed connections end",
+			"key", sp.key, "netns", sp.netns, "connections", sp.active.Load())
+	}
+	// The last connection may have ended before lingering was set, and
+	// then did not see it.
+	if sp.active.Load() == 0 {
+		sp.lingering.Store(false)
+		return false
+	}
+	return true
+}
+
+// lingerEnded is called when the last connection of a lingering space
+// ends: the removal Remove put off runs now, on a goroutine of its own
+// (the connection's owner must not wait for the key's lock), which Close
+// waits for.
+func (s *Server) lingerEnded(sp *space) {
+	s.lingers.Add(1)
+	go func() {
+		defer s.lingers.Done()
+		sl, err := s.acquire(context.Background(), sp.key)
+		if err != nil {
+			return // Close tears everything down
+		}
+		defer s.release(sl, true)
+		// Apply may have taken the key back meanwhile, or a new
+		// connection may have come.
+		if sl.sp.Load() != sp || !sp.lingering.Load() || sp.active.Load() > 0 {
+			return
+		}
+		sl.sp.Store(nil)
+		if err := s.teardown(sp); err != nil {
+			s.log.Warn("removing a namespace whose last connection ended", "key", sp.key, "netns", sp.netns, "err", err)
+			return
+		}
+		s.log.Info("namespace removed after its last relayed connection ended", "key", sp.key, "netns", sp.netns)
+	}()
 }
 
 // Close stops accepting in every namespace, lets live connections finish
@@ -457,6 +514,7 @@ func (s *Server) Close() error {
 		<-drained
 	}
 	s.baseCancel()
+	s.lingers.Wait() // they found the server closing: the spaces are Close's
 
 	// The rules go last. Removing a namespace's last REDIRECT rule can
 	// switch connection tracking off there, and a redirected connection
