@@ -108,7 +108,7 @@ func TestRestartRefusesNoConnect(t *testing.T) {
 		t.Errorf("exit code after SIGTERM = %d, want 0", code)
 	}
 	stopped := time.Now()
-	time.Sleep(500 * time.Millisecond) // no daemon at all for a while
+	time.Sleep(2 * time.Second) // no daemon at all for a while
 	startAt := time.Now()
 	d = startSocketDaemon(t, dns)
 	if !d.waitLog("connectable starting", 30*time.Second) {
