@@ -11,6 +11,7 @@ import (
 	"github.com/connectable/connectable/internal/testenv"
 	"github.com/connectable/connectable/resolver"
 	"github.com/connectable/connectable/sockpath"
+	"golang.org/x/sys/unix"
 )
 
 func env(kv ...string) func(string) string {
@@ -212,6 +213,20 @@ func TestCleanupCommand(t *testing.T) {
 	if code := run(context.Background(), []string{"cleanup", "--bpf-dir", dir}, env(), &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), "nothing pinned at "+dir) {
 		t.Errorf("cleanup of nothing: code %d, stdout %q, stderr %q", code, stdout.String(), stderr.String())
 	}
+	stdout.Reset()
+	stderr.Reset()
+	plain := t.TempDir()
+	if code := run(context.Background(), []string{"cleanup", "--bpf-dir", plain}, env(), &stdout, &stderr); code != 1 || !strings.Contains(stderr.String(), "not on a bpffs") {
+		t.Errorf("cleanup of a directory of files: code %d, stderr %q; want 1 and a refusal", code, stderr.String())
+	}
+
+	testenv.NeedRoot(t)
+	mnt := t.TempDir()
+	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
+		testenv.Skipf(t, "mounting a bpffs: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
+	dir = filepath.Join(mnt, "connectable")
 	lock, err := sockpath.Lock(dir) // as a running daemon holds it
 	if err != nil {
 		t.Fatal(err)

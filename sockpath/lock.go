@@ -115,6 +115,15 @@ func Cleanup(dir string) (removed []string, err error) {
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
+	// Only pins are removed: a --bpf-dir mistyped as a directory of
+	// files must lose nothing.
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		return nil, fmt.Errorf("checking the pin directory %s: %w", dir, err)
+	}
+	if fs.Type != unix.BPF_FS_MAGIC {
+		return nil, fmt.Errorf("%s is not on a bpffs, so it holds no pins of connectable's; nothing removed", dir)
+	}
 	l, err := Lock(dir)
 	if err != nil {
 		return nil, err

@@ -25,8 +25,8 @@ func TestLock(t *testing.T) {
 	if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), dir) || !strings.Contains(err.Error(), fmt.Sprintf("PID %d", os.Getpid())) {
 		t.Errorf("second Lock: %v; want ErrLocked naming %s and PID %d", err, dir, os.Getpid())
 	}
-	if _, err := Cleanup(dir); !errors.Is(err, ErrLocked) {
-		t.Errorf("Cleanup while locked: %v; want ErrLocked", err)
+	if _, err := Cleanup(dir); err == nil || !strings.Contains(err.Error(), "not on a bpffs") {
+		t.Errorf("Cleanup of a directory outside a bpffs: %v; want a refusal", err)
 	}
 	if err := l.Unlock(); err != nil {
 		t.Fatal(err)
@@ -54,6 +54,9 @@ func TestLockBPFFS(t *testing.T) {
 	}
 	if _, err := Lock(dir); !errors.Is(err, ErrLocked) {
 		t.Errorf("second Lock on a bpffs: %v; want ErrLocked", err)
+	}
+	if _, err := Cleanup(dir); !errors.Is(err, ErrLocked) {
+		t.Errorf("Cleanup while locked: %v; want ErrLocked", err)
 	}
 	l.Unlock()
 	if _, err := Cleanup(dir); err != nil {
