@@ -8,10 +8,11 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/connectable/connectable/internal/testenv"
 	"github.com/connectable/connectable/resolver"
 	"github.com/connectable/connectable/sockpath"
-	"golang.org/x/sys/unix"
 )
 
 func env(kv ...string) func(string) string {
