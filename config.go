@@ -13,7 +13,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/connectable/connectable/proxy"
+	"github.com/connectable/connectable/policy"
 	"github.com/connectable/connectable/resolver"
 )
 
@@ -121,10 +121,10 @@ var options = []option{
 			c.admin = v
 			return nil
 		}},
-	{"allow-targets", "CONNECTABLE_ALLOW_TARGETS", "", "endpoint ranges to allow although denied by default, CIDR[,CIDR...] (loopback, link-local, unspecified, multicast and broadcast are denied; the most specific prefix wins, deny on a tie)",
-		func(c *config, v string) (err error) { c.allowTargets, err = proxy.ParsePrefixes(v); return err }},
+	{"allow-targets", "CONNECTABLE_ALLOW_TARGETS", "", "endpoint ranges to allow although denied by default, CIDR[,CIDR...] (loopback, link-local, cloud metadata, unspecified, multicast, broadcast and the NAT64, 6to4 and IPv4-compatible forms of these are denied; the most specific prefix wins, deny on a tie)",
+		func(c *config, v string) (err error) { c.allowTargets, err = policy.ParsePrefixes(v); return err }},
 	{"deny-targets", "CONNECTABLE_DENY_TARGETS", "", "further endpoint ranges to deny, CIDR[,CIDR...] (e.g. the bridge subnets where --icc=false matters)",
-		func(c *config, v string) (err error) { c.denyTargets, err = proxy.ParsePrefixes(v); return err }},
+		func(c *config, v string) (err error) { c.denyTargets, err = policy.ParsePrefixes(v); return err }},
 	{"label-allow", "CONNECTABLE_LABEL_ALLOW", "", "label values allowed, PATTERN[,PATTERN...], case-insensitive, * matching any characters (e.g. *.service.consul); a label outside them is skipped; empty: any",
 		func(c *config, v string) (err error) { c.labelAllow, err = parseLabelAllow(v); return err }},
 	{"max-conns-per-namespace", "CONNECTABLE_MAX_CONNS_PER_NAMESPACE", "0", "connections one namespace may have dialled or relayed at once; more are reset; 0: an eighth of what the file limit allows (two descriptors a connection)",
@@ -149,7 +149,7 @@ var options = []option{
 			}
 			return errors.New("must be relay, socket or auto")
 		}},
-	{"bpf-dir", "CONNECTABLE_BPF_DIR", "/sys/fs/bpf/connectable", "where the socket path pins its programs and maps, on a bpffs (a bpffs is mounted at /sys/fs/bpf if none is); what is pinned keeps serving while the daemon restarts",
+	{"bpf-dir", "CONNECTABLE_BPF_DIR", "/sys/fs/bpf/connectable", "where the socket path pins its programs and maps, on a bpffs (a bpffs is mounted at /sys/fs/bpf if none is); what is pinned keeps serving while the daemon is stopped or restarts, until connectable cleanup; one daemon per directory (a lock)",
 		func(c *config, v string) error {
 			if !strings.HasPrefix(v, "/") {
 				return errors.New("must be an absolute path")
@@ -299,10 +299,19 @@ func usage(fs *flag.FlagSet, w io.Writer) {
   connectable [options]                  run the daemon
   connectable resolve NAME [options]     print the endpoints one new connection to NAME would try
   connectable status [--admin ADDR]      print what a running daemon serves, as a table
+  connectable cleanup [--bpf-dir DIR]    remove the socket path from the kernel (its
+                                         programs, links and maps) after the daemon stopped
   connectable version                    print the version
 
 Containers declare what they need with labels: connect.<port>=<service>.
 <service> is a DNS name (SRV lookup), host:port or ip:port.
+
+Signals: SIGTERM and SIGINT stop the daemon. The relay's rules leave every
+namespace and its connections drain (--drain-timeout); the socket path stays
+in the kernel, serving its ports, for the next start to adopt, so a restart
+(an upgrade) refuses no connect there. To remove it for good, stop the daemon
+and run connectable cleanup with the same --bpf-dir. One daemon per --bpf-dir:
+a second one refuses to start.
 
 Options (each also read from the environment variable shown; flags win):
 `)

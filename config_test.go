@@ -3,12 +3,16 @@ package main
 import (
 	"bytes"
 	"context"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/connectable/connectable/internal/testenv"
 	"github.com/connectable/connectable/resolver"
+	"github.com/connectable/connectable/sockpath"
 )
 
 func env(kv ...string) func(string) string {
@@ -198,5 +202,56 @@ func TestResolveCommand(t *testing.T) {
 	code = run(context.Background(), []string{"resolve", "--dns", dns, "missing.service.test"}, env(), &stdout, &stderr)
 	if code == 0 || !strings.Contains(stderr.String(), "missing.service.test") {
 		t.Errorf("resolving a missing name: exit %d, stderr %q; want non-zero and the name", code, stderr.String())
+	}
+}
+
+// TestCleanupCommand: cleanup of a directory nothing pinned in succeeds,
+// refuses while a daemon holds the directory, and --help says what
+// SIGTERM leaves and how to remove it.
+func TestCleanupCommand(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "connectable")
+	var stdout, stderr bytes.Buffer
+	if code := run(context.Background(), []string{"cleanup", "--bpf-dir", dir}, env(), &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), "nothing pinned at "+dir) {
+		t.Errorf("cleanup of nothing: code %d, stdout %q, stderr %q", code, stdout.String(), stderr.String())
+	}
+	stdout.Reset()
+	stderr.Reset()
+	plain := t.TempDir()
+	if code := run(context.Background(), []string{"cleanup", "--bpf-dir", plain}, env(), &stdout, &stderr); code != 1 || !strings.Contains(stderr.String(), "not on a bpffs") {
+		t.Errorf("cleanup of a directory of files: code %d, stderr %q; want 1 and a refusal", code, stderr.String())
+	}
+
+	testenv.NeedRoot(t)
+	mnt := t.TempDir()
+	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
+		testenv.Skipf(t, "mounting a bpffs: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
+	dir = filepath.Join(mnt, "connectable")
+	lock, err := sockpath.Lock(dir) // as a running daemon holds it
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout.Reset()
+	stderr.Reset()
+	if code := run(context.Background(), []string{"cleanup", "--bpf-dir", dir}, env(), &stdout, &stderr); code != 1 ||
+		!strings.Contains(stderr.String(), "another connectable holds the pin directory") || !strings.Contains(stderr.String(), "stop the daemon first") {
+		t.Errorf("cleanup while held: code %d, stderr %q; want 1 and a refusal", code, stderr.String())
+	}
+	lock.Unlock()
+	stdout.Reset()
+	stderr.Reset()
+	if code := run(context.Background(), []string{"cleanup", "--bpf-dir", dir}, env(), &stdout, &stderr); code != 0 {
+		t.Errorf("cleanup after the holder let go: code %d, stderr %q", code, stderr.String())
+	}
+	if code := run(context.Background(), []string{"cleanup", "extra"}, env(), &stdout, &stderr); code != 2 {
+		t.Errorf("cleanup with an argument: code %d; want 2", code)
+	}
+	stderr.Reset()
+	run(context.Background(), []string{"--help"}, env(), &stdout, &stderr)
+	for _, want := range []string{"connectable cleanup [--bpf-dir DIR]", "Signals: SIGTERM", "refuses no connect", "One daemon per --bpf-dir"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("--help lacks %q", want)
+		}
 	}
 }

@@ -7,11 +7,13 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/connectable/connectable/admin"
 	"github.com/connectable/connectable/docker"
 	"github.com/connectable/connectable/iptables"
+	"github.com/connectable/connectable/policy"
 	"github.com/connectable/connectable/proxy"
 	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/resolver"
@@ -24,9 +26,11 @@ var (
 	_ docker.Sink      = (*reconcile.Reconciler)(nil)
 )
 
-// daemon runs connectable until ctx ends, then removes its rules from every
-// namespace still alive and lets live connections drain. procs, the Go
-// scheduler's GOMAXPROCS, is only reported.
+// daemon runs connectable until ctx ends, then removes the relay's rules
+// from every namespace still alive and lets its live connections drain.
+// The socket path stays in the kernel, serving, for the next start to
+// adopt (`connectable cleanup` removes it). procs, the Go scheduler's
+// GOMAXPROCS, is only reported.
 func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	log := newLogger(c, logw)
 	if err := preflight(); err != nil {
@@ -46,10 +50,11 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	}
 	nofile := raiseFileLimit(log)
 	perNS, maxConns := connCaps(c, nofile)
+	// One target policy bounds both paths.
+	pol := policy.New(c.allowTargets, c.denyTargets)
 	srv := &proxy.Server{
 		Resolver:             res,
-		AllowTargets:         c.allowTargets,
-		DenyTargets:          c.denyTargets,
+		Policy:               pol,
 		MaxConnsPerNamespace: perNS,
 		MaxConns:             maxConns,
 		MaxDialsPerNamespace: c.maxDialsPerNS,
@@ -64,12 +69,18 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		Logger:               log,
 	}
 	ports := docker.NewPortTable(client, log)
-	sock, err := startSocketPath(c, log, res, srv.CheckTarget, ports)
+	sock, err := startSocketPath(c, log, res, pol.Check, ports)
 	if err != nil {
 		return err
 	}
 	rec := reconcile.New(reconcile.Config{Paths: pathsOf(srv, sock), Logger: log})
+	listed := make(chan struct{})
+	var listedOnce sync.Once
 	w := docker.NewWatcher(docker.Config{
+		Listed: func() {
+			rec.Full()
+			listedOnce.Do(func() { close(listed) })
+		},
 		Client:         client,
 		Sink:           rec,
 		Ports:          ports,
@@ -99,7 +110,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		if err != nil {
 			cancel()
 			if sock != nil {
-				sock.Close() // nothing was set up yet: detach the programs
+				sock.stop() // what a previous run left keeps serving
 			}
 			return fmt.Errorf("admin endpoint on %s: %w", c.admin, err)
 		}
@@ -111,19 +122,21 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	go func() {
 		defer close(sweepDone)
 		if sock != nil {
-			sweepWhenSettled(ctx, sock, w, rec)
+			sweepWhenSettled(ctx, sock.Sweep, listed, rec, firstSweepDeadline, log)
 		}
 	}()
 	runErr := w.Run(ctx)
 	cancel()
 	<-sweepDone
 	// Set-ups in flight are cancelled first, so that the relay's teardown
-	// sees every namespace that was set up. The socket path goes before
-	// the relay: new connects fall to the relay while it drains.
+	// sees every namespace that was set up. The socket path stays in the
+	// kernel and keeps serving its ports while no daemon runs; the next
+	// start adopts it.
 	rec.Close()
 	var sockErr error
 	if sock != nil {
-		sockErr = sock.Close()
+		sockErr = sock.stop()
+		log.Info("the socket path keeps serving until the next start (connectable cleanup removes it)", "pins", c.bpfDir)
 	}
 	closeErr := errors.Join(sockErr, srv.Close())
 	if err := <-adminDone; err != nil {

@@ -27,7 +27,7 @@ func main() {
 // run is main without the process: it returns the exit code.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	sub := ""
-	if len(args) > 0 && (args[0] == "resolve" || args[0] == "status" || args[0] == "version") {
+	if len(args) > 0 && (args[0] == "resolve" || args[0] == "status" || args[0] == "cleanup" || args[0] == "version") {
 		sub, args = args[0], args[1:]
 	}
 	if sub == "version" {
@@ -47,6 +47,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return resolveCmd(ctx, c, positional, stdout, stderr)
 	case sub == "status":
 		return statusCmd(ctx, c, positional, stdout, stderr)
+	case sub == "cleanup":
+		return cleanupCmd(c, positional, stdout, stderr)
 	case len(positional) > 0:
 		fmt.Fprintf(stderr, "connectable: unknown command %q (see --help)\n", positional[0])
 		return 2

@@ -1,14 +1,66 @@
 package admin
 
 import (
+	"cmp"
+	"slices"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
 // collector turns snapshots of the proxy's, resolver's and watcher's
 // counters into metrics at scrape time. Labels are services and endpoints,
-// never connections or containers, so cardinality stays bounded by what the
-// labels of running containers name.
+// never connections or containers. Services are bounded by what the labels
+// of running containers name; endpoints are what DNS answers, which a
+// tenant naming a zone it controls decides, so their series are capped
+// (see boundEndpoints).
 type collector struct{ a *Admin }
+
+// Caps of the per-endpoint series: beyond them, a service's further
+// endpoints are added up in one series of endpoint="other". 64 is what one
+// answer may bring (the socket path's table size).
+const (
+	maxEndpointSeriesPerService = 64
+	maxEndpointSeries           = 1024
+	otherEndpoint               = "other"
+)
+
+// endpointSample is one endpoint's values of one metric family.
+type endpointSample struct {
+	service, endpoint string
+	values            []float64
+}
+
+// boundEndpoints keeps at most perService samples of each service and
+// total in all, choosing by service and endpoint in order (so that the
+// same endpoints keep their series from one scrape to the next), and adds
+// up the rest of each service into one sample with endpoint "other".
+func boundEndpoints(in []endpointSample, perService, total int) []endpointSample {
+	slices.SortFunc(in, func(a, b endpointSample) int {
+		return cmp.Or(cmp.Compare(a.service, b.service), cmp.Compare(a.endpoint, b.endpoint))
+	})
+	var out []endpointSample
+	kept := map[string]int{}
+	other := map[string]int{} // service → index in out
+	n := 0
+	for _, s := range in {
+		if kept[s.service] < perService && n < total {
+			kept[s.service]++
+			n++
+			out = append(out, s)
+			continue
+		}
+		i, ok := other[s.service]
+		if !ok {
+			i = len(out)
+			other[s.service] = i
+			out = append(out, endpointSample{service: s.service, endpoint: otherEndpoint, values: make([]float64, len(s.values))})
+		}
+		for j, v := range s.values {
+			out[i].values[j] += v
+		}
+	}
+	return out
+}
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
 	return prometheus.NewDesc("connectable_"+name, help, labels, nil)
@@ -21,7 +73,7 @@ var (
 	failed         = desc("connections_failed_total", "Client connections closed because no endpoint of the service connected.", "service")
 	rejected       = desc("connections_rejected_total", "Connections closed without a dial: straight to the proxy port, or to a port without a route.")
 	bytesTotal     = desc("bytes_total", "Bytes relayed by finished connections; direction up is client to backend.", "service", "direction")
-	dialFailures   = desc("dial_failures_total", "Failed connection attempts per endpoint (endpoints forgotten after a quiet while drop out).", "endpoint")
+	dialFailures   = desc("dial_failures_total", "Failed connection attempts per endpoint (endpoints forgotten after a quiet while drop out; beyond 1024 endpoints, the rest in endpoint=\"other\").", "endpoint")
 	refusedTargets = desc("targets_refused_total", "Endpoints the target policy refused to dial (loopback, link-local, --deny-targets...), once per connection that met one.", "service")
 	limited        = desc("connections_limited_total", "Connections reset at accept because their namespace (scope namespace) or the whole daemon (scope global) was at its connection cap.", "scope")
 	failovers      = desc("failovers_total", "Connections relayed to an endpoint after another one failed to connect.")
@@ -37,7 +89,7 @@ var (
 	dockerReconn   = desc("docker_reconnects_total", "Docker event-stream subscriptions after the first.")
 	dockerResyncs  = desc("docker_resyncs_total", "Full resynchronisations with the Docker Engine.")
 	dockerResyncKO = desc("docker_resync_errors_total", "Full resynchronisations that failed.")
-	sockConnects   = desc("socket_connects_total", "Connects the socket path's programs sent straight to an endpoint, as counted in the kernel (reset when the endpoint leaves the service).", "service", "endpoint")
+	sockConnects   = desc("socket_connects_total", "Connects the socket path's programs sent straight to an endpoint, as counted in the kernel (reset when the endpoint leaves the service; beyond 64 endpoints of a service or 1024 in all, the rest in endpoint=\"other\").", "service", "endpoint")
 	sockFailures   = desc("socket_failures_total", "Of those, the ones the kernel saw fail or retransmit their SYN; each takes the endpoint out until a probe reaches it.", "service", "endpoint")
 	sockPorts      = desc("socket_ports", "Labelled ports, per family, by the data path that serves them.", "path")
 	setupSeconds   = desc("setup_seconds", "Time to set up or update one network namespace on every data path (listeners, iptables rules, routes).")
@@ -69,8 +121,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			counter(bytesTotal, float64(s.BytesUp), svc, "up")
 			counter(bytesTotal, float64(s.BytesDown), svc, "down")
 		}
+		var fails []endpointSample
 		for ep, n := range st.DialFailures {
-			counter(dialFailures, float64(n), ep.String())
+			fails = append(fails, endpointSample{endpoint: ep.String(), values: []float64{float64(n)}})
+		}
+		for _, s := range boundEndpoints(fails, maxEndpointSeries, maxEndpointSeries) {
+			counter(dialFailures, s.values[0], s.endpoint)
 		}
 		counter(failovers, float64(st.Failovers))
 		counter(rejected, float64(st.Rejected))
@@ -108,9 +164,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if sp := c.a.cfg.Socket; sp != nil {
 		if cs, err := sp.Counters(); err == nil {
+			samples := make([]endpointSample, 0, len(cs))
 			for _, s := range cs {
-				counter(sockConnects, float64(s.Connects), s.Service, s.Endpoint.String())
-				counter(sockFailures, float64(s.Failures), s.Service, s.Endpoint.String())
+				samples = append(samples, endpointSample{s.Service, s.Endpoint.String(), []float64{float64(s.Connects), float64(s.Failures)}})
+			}
+			for _, s := range boundEndpoints(samples, maxEndpointSeriesPerService, maxEndpointSeries) {
+				counter(sockConnects, s.values[0], s.service, s.endpoint)
+				counter(sockFailures, s.values[1], s.service, s.endpoint)
 			}
 		} else {
 			c.a.log.Warn("reading the socket path's counters", "err", err)

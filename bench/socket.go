@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -118,7 +119,8 @@ func (b *bench) useDaemon(ctx context.Context, kind string) error {
 }
 
 // stopDaemon stops the running daemon; after the socket daemon, nothing may
-// be left pinned (SIGTERM detaches its programs and removes its pins).
+// be left pinned once `connectable cleanup` ran (SIGTERM leaves the socket
+// path serving; builds from before cleanup existed removed it on SIGTERM).
 func (b *bench) stopDaemon() error {
 	if b.daemon == nil {
 		return nil
@@ -128,7 +130,12 @@ func (b *bench) stopDaemon() error {
 	b.daemon, b.daemonKind = nil, ""
 	if kind == socketDaemon {
 		if left := pinsLeft(filepath.Dir(b.bpfDir())); len(left) > 0 {
-			return fmt.Errorf("the socket daemon left pins behind after SIGTERM: %s", strings.Join(left, ", "))
+			if out, err := exec.Command(b.cfg.connectable, "cleanup", "--bpf-dir", b.bpfDir()).CombinedOutput(); err != nil {
+				return fmt.Errorf("connectable cleanup after the socket daemon: %v: %s", err, out)
+			}
+		}
+		if left := pinsLeft(filepath.Dir(b.bpfDir())); len(left) > 0 {
+			return fmt.Errorf("the socket daemon left pins behind after SIGTERM and cleanup: %s", strings.Join(left, ", "))
 		}
 	}
 	return nil

@@ -52,6 +52,7 @@ import (
 
 	dockerapi "github.com/fsouza/go-dockerclient"
 
+	"github.com/connectable/connectable/internal/backoff"
 	"github.com/connectable/connectable/netns"
 	"github.com/connectable/connectable/reconcile"
 )
@@ -90,6 +91,11 @@ type Config struct {
 	// Ports optionally names a PortTable to invalidate on every container
 	// lifecycle event, whatever the container's labels; if nil, none.
 	Ports *PortTable
+	// Listed is optionally called, on Run's goroutine, each time the
+	// state a full listing gives (every container then running,
+	// inspected) has been handed to the Sink, or was unchanged: the Sink
+	// then knows its whole truth.
+	Listed func()
 }
 
 // NewClient returns a client for the engine at host (e.g.
@@ -263,13 +269,17 @@ func (w *Watcher) Run(ctx context.Context) error {
 		w.sent = nil
 	}()
 
-	backoff := w.backoff[0]
+	retry := backoff.Backoff{Min: w.backoff[0], Max: w.backoff[1]}
 	for {
 		upFor, err := w.session(ctx)
 		w.healthy.Store(false)
 		if ctx.Err() != nil {
 			return nil
 		}
+		if upFor >= stableAfter {
+			retry.Reset()
+		}
+		wait := retry.Next()
 		if !w.lost {
 			w.lost = true
 			if w.started {
@@ -278,15 +288,11 @@ func (w *Watcher) Run(ctx context.Context) error {
 				w.log.Warn("docker engine unreachable; retrying", "err", err)
 			}
 		} else {
-			w.log.Debug("docker event stream still down", "err", err, "retry_in", backoff)
+			w.log.Debug("docker event stream still down", "err", err, "retry_in", wait)
 		}
-		if upFor >= stableAfter {
-			backoff = w.backoff[0]
-		}
-		if !sleep(ctx, backoff) {
+		if !sleep(ctx, wait) {
 			return nil
 		}
-		backoff = min(2*backoff, w.backoff[1])
 	}
 }
 
@@ -342,6 +348,9 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 		w.apply(ins.take(<-ins.results), ins)
 	}
 	w.publish()
+	if w.cfg.Listed != nil {
+		w.cfg.Listed()
+	}
 	w.healthy.Store(true)
 	switch {
 	case w.lost:

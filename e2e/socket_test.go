@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -464,7 +465,7 @@ func wantRoutes(cookie uint64, ports ...uint16) []pinnedRoute {
 // TestSocketKillRestart: SIGKILL leaves the programs and their entries
 // serving with no daemon (the relay is dead with it); a client container
 // removed meanwhile leaves entries behind, which the next daemon, adopting
-// the pins, sweeps; SIGTERM then removes everything it pinned.
+// the pins, sweeps; SIGTERM then cleanup removes everything it pinned.
 func TestSocketKillRestart(t *testing.T) {
 	prerequisites(t)
 	network, _ := testNetwork(t, "198.18.184.0/24", true)
@@ -524,6 +525,11 @@ func TestSocketKillRestart(t *testing.T) {
 	if code := d.stop(syscall.SIGTERM); code != 0 {
 		t.Errorf("exit code after SIGTERM = %d, want 0", code)
 	}
+	// SIGTERM leaves the socket path serving for the next start; cleanup
+	// removes it.
+	if out, err := exec.Command(binary, "cleanup", "--bpf-dir", dir).CombinedOutput(); err != nil {
+		t.Errorf("connectable cleanup: %v: %s", err, out)
+	}
 	ents, err := os.ReadDir(dir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("reading %s: %v", dir, err)
@@ -533,7 +539,7 @@ func TestSocketKillRestart(t *testing.T) {
 		for _, e := range ents {
 			names = append(names, e.Name())
 		}
-		t.Errorf("left in %s after SIGTERM: %v", dir, names)
+		t.Errorf("left in %s after SIGTERM and cleanup: %v", dir, names)
 	}
 }
 

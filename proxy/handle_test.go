@@ -71,6 +71,9 @@ func TestSpaceHoldsNamespaceHandle(t *testing.T) {
 	if netns.Gone(name) {
 		t.Fatal("the handle closed while its space is applied")
 	}
+	// With the direct connection still live, Remove would put the
+	// teardown off until it ends (linger_test.go).
+	waitFor(t, "the direct connection to end", func() bool { st := s.Namespaces(); return len(st) == 1 && st[0].Active == 0 })
 	if err := s.Remove(context.Background(), "c1"); err != nil {
 		t.Fatalf("Remove: %v", err)
 	}

@@ -88,8 +88,10 @@ func (s *Server) admit(sp *space) bool {
 
 // unadmit takes back what admit counted.
 func (s *Server) unadmit(sp *space) {
-	sp.active.Add(-1)
 	s.active.Add(-1)
+	if sp.active.Add(-1) == 0 && sp.lingering.Load() {
+		s.lingerEnded(sp)
+	}
 }
 
 // dialSlot waits for one of sp's dial slots; the caller runs done when its

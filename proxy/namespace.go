@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/connectable/connectable/internal/backoff"
 	"github.com/connectable/connectable/netns"
 )
 
@@ -120,6 +121,9 @@ type space struct {
 	release func()
 	ends    atomic.Int32
 	served  atomic.Bool
+	// lingering is set when the space was removed while connections
+	// lived: the last to end removes it (Server.linger).
+	lingering atomic.Bool
 }
 
 // ended marks one of sp's last operations in its namespace done.
@@ -238,7 +242,7 @@ var nsHold = netns.Hold
 // and hands each to a conn of its own.
 func (s *Server) acceptLoop(sp *space, ln *net.TCPListener) {
 	defer sp.loops.Done()
-	var delay time.Duration
+	retry := backoff.Backoff{Min: 5 * time.Millisecond, Max: time.Second}
 	for {
 		c, err := ln.AcceptTCP()
 		if err != nil {
@@ -247,7 +251,7 @@ func (s *Server) acceptLoop(sp *space, ln *net.TCPListener) {
 			}
 			// Out of descriptors or memory: back off like net/http's
 			// Server.Serve instead of spinning, and keep the listener.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			delay := retry.Next()
 			s.logConn(sp, "accept", slog.LevelError, "accepting connection", "key", sp.key, "netns", sp.netns, "err", err, "retry", delay)
 			select {
 			case <-sp.stop:
@@ -256,7 +260,7 @@ func (s *Server) acceptLoop(sp *space, ln *net.TCPListener) {
 			}
 			continue
 		}
-		delay = 0
+		retry.Reset()
 		s.startConn(sp, c)
 	}
 }

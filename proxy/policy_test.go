@@ -12,68 +12,6 @@ import (
 	"github.com/connectable/connectable/internal/testenv"
 )
 
-func TestTargetPolicy(t *testing.T) {
-	pfx := func(s ...string) []netip.Prefix {
-		var out []netip.Prefix
-		for _, p := range s {
-			out = append(out, netip.MustParsePrefix(p))
-		}
-		return out
-	}
-	cases := []struct {
-		name        string
-		allow, deny []netip.Prefix
-		addr        string
-		refused     bool
-	}{
-		{"loopback", nil, nil, "127.0.0.1", true},
-		{"loopback elsewhere in 127/8", nil, nil, "127.5.6.7", true},
-		{"v6 loopback", nil, nil, "::1", true},
-		{"v4-mapped loopback", nil, nil, "::ffff:127.0.0.1", true},
-		{"metadata", nil, nil, "169.254.169.254", true},
-		{"v4-mapped metadata", nil, nil, "::ffff:169.254.169.254", true},
-		{"v6 link-local", nil, nil, "fe80::1", true},
-		{"v6 link-local with zone", nil, nil, "fe80::1%eth0", true},
-		{"unspecified", nil, nil, "0.0.0.0", true},
-		{"v6 unspecified", nil, nil, "::", true},
-		{"multicast", nil, nil, "239.1.2.3", true},
-		{"v6 multicast", nil, nil, "ff02::1", true},
-		{"broadcast", nil, nil, "255.255.255.255", true},
-		{"LAN", nil, nil, "192.168.1.10", false},
-		{"bridge", nil, nil, "172.17.0.2", false},
-		{"public v6", nil, nil, "2001:db8::1", false},
-		{"allowed loopback", pfx("127.0.0.0/8"), nil, "127.0.0.1", false},
-		{"allowed loopback, mapped", pfx("127.0.0.0/8"), nil, "::ffff:127.0.0.1", false},
-		{"allow given mapped", pfx("::ffff:127.0.0.0/104"), nil, "127.0.0.1", false},
-		{"allow narrower than default", pfx("127.0.0.1/32"), nil, "127.0.0.2", true},
-		{"deny more specific than allow", pfx("127.0.0.0/8"), pfx("127.0.0.2/32"), "127.0.0.2", true},
-		{"allow more specific than deny", pfx("127.0.0.1/32"), pfx("127.0.0.0/8"), "127.0.0.1", false},
-		{"tie: deny wins", pfx("10.0.0.0/8"), pfx("10.0.0.0/8"), "10.1.2.3", true},
-		{"denied bridge", nil, pfx("172.17.0.0/16"), "172.17.0.2", true},
-		{"other bridge", nil, pfx("172.17.0.0/16"), "172.18.0.2", false},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			err := newTargetPolicy(tc.allow, tc.deny).check(netip.MustParseAddr(tc.addr))
-			if got := errors.Is(err, ErrTargetRefused); got != tc.refused {
-				t.Errorf("check(%s): got %v; want refused %v", tc.addr, err, tc.refused)
-			}
-		})
-	}
-}
-
-func TestParsePrefixes(t *testing.T) {
-	got, err := ParsePrefixes(" 10.0.0.0/8, fd00::/8,192.0.2.1 ,")
-	if err != nil || len(got) != 3 || got[2] != netip.MustParsePrefix("192.0.2.1/32") {
-		t.Errorf("got %v, %v; want 3 prefixes, the last 192.0.2.1/32", got, err)
-	}
-	for _, bad := range []string{"10.0.0.0/33", "nope", "10.0.0.0/8,x/8"} {
-		if _, err := ParsePrefixes(bad); err == nil || !strings.Contains(err.Error(), "not a CIDR prefix") {
-			t.Errorf("ParsePrefixes(%q): %v; want an error naming the bad value", bad, err)
-		}
-	}
-}
-
 // TestRefusedTargetSkipped: a refused endpoint is skipped for the next one
 // without a dial, counted, logged once per namespace, shown in the status,
 // and never put in back-off.

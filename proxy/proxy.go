@@ -28,8 +28,9 @@
 //     by BenchmarkRequestResponse in small_test.go.
 //   - health.go, stats.go: passive endpoint health, one table per service;
 //     counters and status.
-//   - policy.go: the target policy, which addresses a dial may reach
-//     (loopback, link-local and the like are refused unless allowed).
+//   - the target policy, which addresses a dial may reach (loopback,
+//     link-local and the like are refused unless allowed), is package
+//     policy's, shared with the socket path.
 //   - limits.go: what one namespace may take: its connection cap (and the
 //     server's), its dial slots, its rate-limited connection logs.
 //
@@ -53,11 +54,13 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	endpointhealth "github.com/connectable/connectable/health"
 	"github.com/connectable/connectable/netns"
 	"github.com/connectable/connectable/origdst"
+	"github.com/connectable/connectable/policy"
 )
 
 // Resolver returns the endpoints of a service in the order to try them.
@@ -158,16 +161,20 @@ type Server struct {
 	// negative, the kernel's defaults (about 15 minutes with data in
 	// flight, never when idle).
 	BackendTimeout time.Duration
+	// Policy optionally is the target policy, shared with the socket path;
+	// if nil, policy.New(AllowTargets, DenyTargets). The check is made on
+	// the address dialled, whether a label or DNS named it; a refused
+	// endpoint is skipped as if absent and never counts against its
+	// health.
+	Policy *policy.Policy
 	// AllowTargets optionally opens ranges of endpoint addresses that
-	// DefaultDenyTargets closes; tests with backends on loopback name
-	// 127.0.0.0/8 here.
+	// policy.DefaultDeny closes, when Policy is nil; tests with backends
+	// on loopback name 127.0.0.0/8 here.
 	AllowTargets []netip.Prefix
-	// DenyTargets optionally closes further ranges of endpoint addresses.
-	// Of AllowTargets, DenyTargets and DefaultDenyTargets, the most
-	// specific prefix that contains an address decides, deny on a tie.
-	// The check is made on the address dialled, whether a label or DNS
-	// named it; a refused endpoint is skipped as if absent and never counts
-	// against its health.
+	// DenyTargets optionally closes further ranges of endpoint addresses,
+	// when Policy is nil. Of AllowTargets, DenyTargets and
+	// policy.DefaultDeny, the most specific prefix that contains an
+	// address decides, deny on a tie.
 	DenyTargets []netip.Prefix
 	// MaxConnsPerNamespace optionally caps the connections being dialled or
 	// relayed at once for one namespace; further ones are reset at accept.
@@ -198,7 +205,7 @@ type Server struct {
 	log      *slog.Logger
 	health   healthConfig // what each service's health table starts from
 	stats    counters
-	policy   *targetPolicy
+	policy   targetPolicy
 	active   atomic.Int64 // connections between accept and finish, all namespaces
 
 	// mu guards slots and closed, and is held only for operations on them:
@@ -209,6 +216,7 @@ type Server struct {
 	closed  bool
 	closing chan struct{}  // closed when Close starts
 	ops     sync.WaitGroup // Apply and Remove calls between acquire and release
+	lingers sync.WaitGroup // lingerEnded's removals
 	done    chan struct{}  // closed when Close has finished
 
 	conns connSet // every accepted connection until it has finished
@@ -231,8 +239,31 @@ func (s *Server) init() {
 		s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 		s.health.init()
 		s.health.tracker = s.Health
-		s.policy = newTargetPolicy(s.AllowTargets, s.DenyTargets)
+		s.policy = targetPolicy{s.Policy}
+		if s.Policy == nil {
+			s.policy.p = policy.New(s.AllowTargets, s.DenyTargets)
+		}
 	})
+}
+
+// ErrTargetRefused is wrapped by the error of a dial the target policy
+// refused; nothing was sent to the address.
+var ErrTargetRefused = policy.ErrRefused
+
+// targetPolicy is the server's policy under the names its dials use.
+type targetPolicy struct{ p *policy.Policy }
+
+func (t targetPolicy) check(a netip.Addr) error { return t.p.Check(a) }
+
+func (t targetPolicy) control(network, address string, c syscall.RawConn) error {
+	return t.p.Control(network, address, c)
+}
+
+// CheckTarget applies the server's target policy to a: nil if the relay
+// may dial it, else why not.
+func (s *Server) CheckTarget(a netip.Addr) error {
+	s.init()
+	return s.policy.check(a)
 }
 
 func (s *Server) listen(path string, port uint16) (v4, v6 *net.TCPListener, err error) {
@@ -318,6 +349,7 @@ func (s *Server) Apply(ctx context.Context, key, netns string, routes map[uint16
 
 	sp := sl.sp.Load()
 	if sp != nil && sp.netns == netns {
+		sp.lingering.Store(false) // labelled again
 		return s.reapply(sp, ports, routes)
 	}
 	if sp != nil {
@@ -413,14 +445,69 @@ func (s *Server) Remove(ctx context.Context, key string) error {
 	if err := ctxDone(ctx, key); err != nil {
 		return err
 	}
-	sp := sl.sp.Swap(nil)
+	sp := sl.sp.Load()
 	if sp == nil {
 		return nil
 	}
+	if s.linger(sp) {
+		return nil
+	}
+	sl.sp.Store(nil)
 	if err := s.teardown(sp); err != nil {
 		return fmt.Errorf("removing %s: %w", key, err)
 	}
 	return nil
+}
+
+// linger reports whether the removed space sp stays, rules and listeners,
+// until its relayed connections end: its namespace lost its last labelled
+// container but lives on (a container: group, a pod), and tearing down
+// would leave its clients' connections without the rules that carry them
+// and the port they expect. The last connection to end removes it
+// (lingerEnded). A namespace that is gone is torn down at once. The
+// caller holds sp's slot.
+func (s *Server) linger(sp *space) bool {
+	if sp.active.Load() == 0 || gone(sp.netns) {
+		return false
+	}
+	if !sp.lingering.Swap(true) {
+		s.log.Info("namespace no longer labelled; its rules and listener stay until its relayed connections end",
+			"key", sp.key, "netns", sp.netns, "connections", sp.active.Load())
+	}
+	// The last connection may have ended before lingering was set, and
+	// then did not see it.
+	if sp.active.Load() == 0 {
+		sp.lingering.Store(false)
+		return false
+	}
+	return true
+}
+
+// lingerEnded is called when the last connection of a lingering space
+// ends: the removal Remove put off runs now, on a goroutine of its own
+// (the connection's owner must not wait for the key's lock), which Close
+// waits for.
+func (s *Server) lingerEnded(sp *space) {
+	s.lingers.Add(1)
+	go func() {
+		defer s.lingers.Done()
+		sl, err := s.acquire(context.Background(), sp.key)
+		if err != nil {
+			return // Close tears everything down
+		}
+		defer s.release(sl, true)
+		// Apply may have taken the key back meanwhile, or a new
+		// connection may have come.
+		if sl.sp.Load() != sp || !sp.lingering.Load() || sp.active.Load() > 0 {
+			return
+		}
+		sl.sp.Store(nil)
+		if err := s.teardown(sp); err != nil {
+			s.log.Warn("removing a namespace whose last connection ended", "key", sp.key, "netns", sp.netns, "err", err)
+			return
+		}
+		s.log.Info("namespace removed after its last relayed connection ended", "key", sp.key, "netns", sp.netns)
+	}()
 }
 
 // Close stops accepting in every namespace, lets live connections finish
@@ -466,6 +553,7 @@ func (s *Server) Close() error {
 		<-drained
 	}
 	s.baseCancel()
+	s.lingers.Wait() // they found the server closing: the spaces are Close's
 
 	// The rules go last. Removing a namespace's last REDIRECT rule can
 	// switch connection tracking off there, and a redirected connection

@@ -117,6 +117,8 @@ func TestRedirectThroughNamespace(t *testing.T) {
 		t.Errorf("unlabelled port: got %v; want connection refused", err)
 	}
 	waitFor(t, "the direct connection to be rejected", func() bool { return s.Stats().Rejected == 1 })
+	// Remove puts the teardown off while connections live (linger_test.go).
+	waitFor(t, "every connection to end", func() bool { st := s.Namespaces(); return len(st) == 1 && st[0].Active == 0 })
 
 	if err := s.Remove(context.Background(), "c1"); err != nil {
 		t.Fatal(err)

@@ -14,6 +14,9 @@
 //     the latest state, not one per change.
 //   - A failed set-up or removal is retried, with back-off, until it
 //     succeeds or the state it was for is no longer wanted.
+//   - Once told the desired state is the whole truth (Full), Settled is
+//     closed when every namespace then desired has been set up or has
+//     failed once: the time to remove what a previous run left behind.
 //
 // Typical usage:
 //
@@ -33,6 +36,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/connectable/connectable/internal/backoff"
 	"github.com/connectable/connectable/netns"
 )
 
@@ -111,17 +115,24 @@ type Reconciler struct {
 	desired []Namespace // sorted by key, as last handed over
 	keys    map[string]*keyState
 	workers sync.WaitGroup
+	// full is set by Full; unsettled are the keys desired then whose
+	// first attempt since has not completed; settled is closed when none
+	// is left.
+	full      bool
+	unsettled map[string]bool
+	settled   chan struct{}
 }
 
 // keyState is one namespace's delivery. At most one worker runs per key.
 type keyState struct {
-	want    *Namespace    // desired now; nil: to be removed
-	sent    *Namespace    // handed to the paths last (maybe still in flight)
-	err     error         // result of the last completed attempt
-	pending bool          // want differs from what was last done successfully
-	running bool          // a worker owns this key
-	wake    chan struct{} // pokes a worker waiting out its back-off
-	setup   time.Duration // duration of the last successful Apply
+	want     *Namespace    // desired now; nil: to be removed
+	sent     *Namespace    // handed to the paths last (maybe still in flight)
+	err      error         // result of the last completed attempt
+	pending  bool          // want differs from what was last done successfully
+	running  bool          // a worker owns this key
+	inflight bool          // an attempt with sent runs now
+	wake     chan struct{} // pokes a worker waiting out its back-off
+	setup    time.Duration // duration of the last successful Apply
 	// held are the handles handed to the paths and not yet superseded by
 	// a successful attempt: one reference each, so that a path's teardown
 	// of the namespace it was given (on a failure, or on the next Apply)
@@ -141,7 +152,7 @@ func New(cfg Config) *Reconciler {
 	if log == nil {
 		log = slog.Default()
 	}
-	r := &Reconciler{cfg: cfg, log: log.With("component", "reconcile"), keys: make(map[string]*keyState)}
+	r := &Reconciler{cfg: cfg, log: log.With("component", "reconcile"), keys: make(map[string]*keyState), settled: make(chan struct{})}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	return r
 }
@@ -178,6 +189,56 @@ func (r *Reconciler) Desire(ns []Namespace) {
 		if !seen[key] {
 			r.wantLocked(key, nil)
 		}
+	}
+	for key := range r.unsettled {
+		if !seen[key] {
+			r.settleLocked(key) // no longer wanted: nothing to wait for
+		}
+	}
+}
+
+// Full tells the Reconciler that the desired state it holds (the last
+// handed to Desire, or none) is the whole truth, as a full listing of the
+// engine's containers gives it. The first call starts Settled's wait; later
+// ones do nothing.
+func (r *Reconciler) Full() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.full {
+		return
+	}
+	r.full = true
+	r.unsettled = make(map[string]bool, len(r.desired))
+	for _, ns := range r.desired {
+		if ks := r.keys[ns.Key]; ks != nil && !ks.settledLocked() {
+			r.unsettled[ns.Key] = true
+		}
+	}
+	if len(r.unsettled) == 0 {
+		close(r.settled)
+	}
+}
+
+// Settled returns a channel closed once Full was called and every
+// namespace desired at that time has been set up, or has failed once (it
+// is retried meanwhile), or is no longer desired. It is never closed
+// without Full.
+func (r *Reconciler) Settled() <-chan struct{} { return r.settled }
+
+// settledLocked reports whether the key's desired state was attempted:
+// applied, or failed once (it is retried meanwhile). r.mu is held.
+func (ks *keyState) settledLocked() bool {
+	return ks.err != nil || (!ks.pending && !ks.inflight && same(ks.sent, ks.want))
+}
+
+// settleLocked records that key needs no more waiting for. r.mu is held.
+func (r *Reconciler) settleLocked(key string) {
+	if !r.unsettled[key] {
+		return
+	}
+	delete(r.unsettled, key)
+	if len(r.unsettled) == 0 {
+		close(r.settled)
 	}
 }
 
@@ -262,7 +323,7 @@ func (r *Reconciler) wantLocked(key string, ns *Namespace) {
 // desired state cuts short.
 func (r *Reconciler) deliver(key string, ks *keyState) {
 	defer r.workers.Done()
-	backoff := time.Duration(0)
+	retry := backoff.Backoff{Min: r.cfg.RetryMin, Max: r.cfg.RetryMax}
 	for {
 		r.mu.Lock()
 		if !ks.pending || r.ctx.Err() != nil {
@@ -274,7 +335,7 @@ func (r *Reconciler) deliver(key string, ks *keyState) {
 			return
 		}
 		want := ks.want
-		ks.pending, ks.sent = false, want
+		ks.pending, ks.sent, ks.inflight = false, want, true
 		ks.hold(want)
 		r.mu.Unlock()
 
@@ -286,7 +347,10 @@ func (r *Reconciler) deliver(key string, ks *keyState) {
 		}
 
 		r.mu.Lock()
-		ks.err = err
+		ks.err, ks.inflight = err, false
+		if want != nil {
+			r.settleLocked(key) // set up, or failed once
+		}
 		if err == nil {
 			if want == nil {
 				ks.sent = nil
@@ -295,7 +359,7 @@ func (r *Reconciler) deliver(key string, ks *keyState) {
 				ks.setup = took
 				ks.releaseHeld(want.NetNS)
 			}
-			backoff = 0
+			retry.Reset()
 			r.mu.Unlock()
 			r.logDone(key, want, took)
 			continue
@@ -306,10 +370,10 @@ func (r *Reconciler) deliver(key string, ks *keyState) {
 		}
 		// Retry the latest state, whatever it is by then.
 		ks.pending = true
-		backoff = min(max(2*backoff, r.cfg.RetryMin), r.cfg.RetryMax)
+		wait := retry.Next()
 		r.mu.Unlock()
-		r.logFailure(key, want, err, backoff)
-		r.sleep(ks, backoff)
+		r.logFailure(key, want, err, wait)
+		r.sleep(ks, wait)
 	}
 }
 
@@ -384,7 +448,7 @@ func (r *Reconciler) Status() []Status {
 			if ks.err != nil {
 				st.Err = ks.err.Error()
 			}
-			st.Applied = ks.err == nil && !ks.pending && same(ks.sent, ks.want)
+			st.Applied = ks.err == nil && !ks.pending && !ks.inflight && same(ks.sent, ks.want)
 			st.Setup = ks.setup
 		}
 		out = append(out, st)

@@ -1,6 +1,7 @@
 package sockpath
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"slices"
@@ -83,6 +84,16 @@ func (f *fakeMaps) tableIDs() ([]uint32, error) {
 		ids = append(ids, id)
 	}
 	return ids, nil
+}
+
+func (f *fakeMaps) tableEndpoints(id uint32) ([]netip.AddrPort, error) {
+	f.mu.Lock()
+	_, ok := f.tables[id]
+	f.mu.Unlock()
+	if !ok {
+		return nil, errors.New("no such table")
+	}
+	return f.endpoints(id), nil
 }
 
 // endpoints returns what table id serves.

@@ -15,6 +15,9 @@ type Maps interface {
 	putTable(id uint32, t *kernTable) error
 	deleteTable(id uint32) error
 	tableIDs() ([]uint32, error)
+	// tableEndpoints returns the endpoints table id holds (adoption checks
+	// them against the target policy).
+	tableEndpoints(id uint32) ([]netip.AddrPort, error)
 	ensureCounter(service uint32, ap netip.AddrPort) error
 	deleteCounter(service uint32, ap netip.AddrPort) error
 	counters() ([]Counter, error)
