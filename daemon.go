@@ -73,6 +73,12 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if sock != nil {
+		// One endpoint-health model: the relay's dials are the daemon's
+		// own evidence for the socket path too, and its dial order heeds
+		// what the socket path's probes confirmed.
+		srv.Health = sock.Tracker()
+	}
 	rec := reconcile.New(reconcile.Config{Paths: pathsOf(srv, sock), Logger: log})
 	listed := make(chan struct{})
 	var listedOnce sync.Once

@@ -62,10 +62,15 @@ type Reconciler interface {
 }
 
 // Socket is what the admin endpoint reads from the socket data path: how
-// each port is served, and the kernel's counters.
+// each port is served, endpoint health, and the kernel's counters.
 type Socket interface {
 	Status() []sockpath.Serving
 	Counters() ([]sockpath.ServiceCounter, error)
+	// Health lists the endpoints under suspicion, confirmed dead, or
+	// reached by a probe lately.
+	Health() []sockpath.EndpointHealth
+	// KernelStats is what the kernel and the daemon dropped or ignored.
+	KernelStats() (sockpath.KernelStats, error)
 }
 
 // Config names the endpoint's sources. A nil source leaves its part out.

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/connectable/connectable/docker"
+	"github.com/connectable/connectable/health"
 	"github.com/connectable/connectable/proxy"
 	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/resolver"
@@ -242,9 +243,24 @@ func (fakeSocket) Counters() ([]sockpath.ServiceCounter, error) {
 	return []sockpath.ServiceCounter{{Service: "web", Endpoint: netip.MustParseAddrPort("198.18.0.5:80"), Connects: 9, Failures: 1}}, nil
 }
 
+func (fakeSocket) Health() []sockpath.EndpointHealth {
+	return []sockpath.EndpointHealth{{
+		Endpoint:   health.Endpoint{Endpoint: netip.MustParseAddrPort("198.18.0.6:80"), State: "suspect", LastError: "connection refused"},
+		Namespaces: []string{"abc123abc123ffff"},
+	}}
+}
+
+func (fakeSocket) KernelStats() (sockpath.KernelStats, error) {
+	return sockpath.KernelStats{Evidence: 3, LocalClose: 40, OverBudget: 7, DeadMapFull: 2}, nil
+}
+
 func TestSocketPath(t *testing.T) {
 	a := New(Config{Version: "v1", Proxy: fakeProxy{}, Reconciler: fakeReconciler{}, Socket: fakeSocket{}})
 	st := a.Status()
+	if len(st.Health) != 1 || st.Health[0].Endpoint != "198.18.0.6:80" || st.Health[0].State != "suspect" ||
+		len(st.Health[0].Namespaces) != 1 || st.Health[0].Namespaces[0] != "abc123abc123ffff" {
+		t.Errorf("endpoint health = %+v; want 198.18.0.6:80 suspect by namespace abc123abc123ffff", st.Health)
+	}
 	paths := st.Namespaces[0].Routes[0].Paths
 	if len(paths) != 2 || paths[0].Family != "ipv4" || paths[0].Path != "socket" || len(paths[0].Endpoints) != 1 ||
 		paths[1].Path != "relay" || paths[1].Why == "" {
@@ -263,6 +279,10 @@ func TestSocketPath(t *testing.T) {
 		`connectable_socket_failures_total{endpoint="198.18.0.5:80",service="web"} 1`,
 		`connectable_socket_ports{path="socket"} 1`,
 		`connectable_socket_ports{path="relay"} 1`,
+		`connectable_socket_evidence_total 3`,
+		`connectable_socket_local_aborts_total 40`,
+		`connectable_socket_reports_dropped_total{reason="over_budget"} 7`,
+		`connectable_socket_map_full_total{map="dead"} 2`,
 	} {
 		if !strings.Contains(page, want+"\n") {
 			t.Errorf("/metrics lacks %s", want)

@@ -90,15 +90,24 @@ var (
 	dockerResyncs  = desc("docker_resyncs_total", "Full resynchronisations with the Docker Engine.")
 	dockerResyncKO = desc("docker_resync_errors_total", "Full resynchronisations that failed.")
 	sockConnects   = desc("socket_connects_total", "Connects the socket path's programs sent straight to an endpoint, as counted in the kernel (reset when the endpoint leaves the service; beyond 64 endpoints of a service or 1024 in all, the rest in endpoint=\"other\").", "service", "endpoint")
-	sockFailures   = desc("socket_failures_total", "Of those, the ones the kernel saw fail or retransmit their SYN; each takes the endpoint out until a probe reaches it.", "service", "endpoint")
+	sockFailures   = desc("socket_failures_total", "Of those, the ones that failed through the remote side (a reset, an ICMP error, an unanswered SYN); each takes the endpoint out of its own namespace's choices, and out of every namespace's once the daemon's probe confirms it.", "service", "endpoint")
 	sockPorts      = desc("socket_ports", "Labelled ports, per family, by the data path that serves them.", "path")
+	sockEvidence   = desc("socket_evidence_total", "Connects rewritten by the socket path that failed through the remote side (a reset, an ICMP error, an unanswered SYN), as the kernel reported them.")
+	sockLocal      = desc("socket_local_aborts_total", "Rewritten connects the application closed or aborted itself while connecting: never evidence against the endpoint.")
+	sockDropped    = desc("socket_reports_dropped_total", "Failure reports not acted on: over_budget (the namespace's report budget in the kernel), ringbuf_full, over_marks (the namespace holds too many suspects), unreadable.", "reason")
+	sockMapFull    = desc("socket_map_full_total", "Kernel map updates lost because the map was full.", "map")
+	sockNoStorage  = desc("socket_no_storage_total", "Connects left to the relay because no socket storage could be had.")
+	sockPassiveCap = desc("socket_passive_cap_total", "Picks that ignored a namespace's own failure marks because they covered more than half of a table.")
+	sockV6Only     = desc("socket_v6only_refused_total", "Connects to ::1 left to the relay rather than sent to an IPv4 endpoint.")
+	sockCleared    = desc("socket_state_cleared_total", "Socket states dropped because a later connect on the same socket was not rewritten.")
 	setupSeconds   = desc("setup_seconds", "Time to set up or update one network namespace on every data path (listeners, iptables rules, routes).")
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{buildInfo, accepted, active, failed, rejected, bytesTotal, dialFailures, refusedTargets, limited,
 		failovers, namespaces, ports, dnsLookups, dnsStale, dnsQueries, dnsErrors, dnsTruncated, dnsSeconds,
-		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO, sockConnects, sockFailures, sockPorts, setupSeconds} {
+		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO, sockConnects, sockFailures, sockPorts, sockEvidence, sockLocal, sockDropped, sockMapFull, sockNoStorage, sockPassiveCap,
+		sockV6Only, sockCleared, setupSeconds} {
 		ch <- d
 	}
 }
@@ -174,6 +183,22 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			}
 		} else {
 			c.a.log.Warn("reading the socket path's counters", "err", err)
+		}
+		if ks, err := sp.KernelStats(); err == nil {
+			counter(sockEvidence, float64(ks.Evidence))
+			counter(sockLocal, float64(ks.LocalClose))
+			counter(sockDropped, float64(ks.OverBudget), "over_budget")
+			counter(sockDropped, float64(ks.RingbufFull), "ringbuf_full")
+			counter(sockDropped, float64(ks.OverMarks), "over_marks")
+			counter(sockDropped, float64(ks.BadReports), "unreadable")
+			counter(sockMapFull, float64(ks.DeadMapFull), "dead")
+			counter(sockMapFull, float64(ks.CountersFull), "counters")
+			counter(sockNoStorage, float64(ks.NoStorage))
+			counter(sockPassiveCap, float64(ks.PassiveCap))
+			counter(sockV6Only, float64(ks.V6OnlyRefused))
+			counter(sockCleared, float64(ks.Cleared))
+		} else {
+			c.a.log.Warn("reading the socket path's kernel counts", "err", err)
 		}
 		n := map[string]int{"socket": 0, "relay": 0}
 		for _, s := range sp.Status() {

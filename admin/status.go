@@ -14,6 +14,22 @@ type Status struct {
 	Version    string      `json:"version"`
 	Healthy    bool        `json:"healthy"`
 	Namespaces []Namespace `json:"namespaces"`
+	// Health is the socket path's endpoint health: endpoints a namespace
+	// saw fail (suspect), the daemon confirmed dead, or a probe reached
+	// lately. The relay's dials feed it too.
+	Health []EndpointHealth `json:"endpoint_health,omitempty"`
+}
+
+// EndpointHealth is what the daemon holds about one endpoint.
+type EndpointHealth struct {
+	Endpoint string `json:"endpoint"`
+	State    string `json:"state"` // suspect, dead or reachable
+	// Namespaces names, by key, those whose evidence is held ("daemon"
+	// for the daemon's own probes and dials).
+	Namespaces []string  `json:"namespaces,omitempty"`
+	Since      time.Time `json:"since"`
+	NextProbe  time.Time `json:"next_probe,omitzero"`
+	LastError  string    `json:"last_error,omitempty"`
 }
 
 // Namespace is one network namespace connectable serves.
@@ -113,6 +129,13 @@ func (a *Admin) Status() Status {
 		}
 	}
 	if sp := a.cfg.Socket; sp != nil {
+		for _, h := range sp.Health() {
+			st.Health = append(st.Health, EndpointHealth{
+				Endpoint: h.Endpoint.Endpoint.String(), State: h.State, Namespaces: h.Namespaces,
+				Since: h.Since, NextProbe: h.NextProbe, LastError: h.LastError,
+			})
+		}
+		sort.Slice(st.Health, func(i, j int) bool { return st.Health[i].Endpoint < st.Health[j].Endpoint })
 		for _, s := range sp.Status() {
 			ns := byKey[s.Key]
 			if ns == nil {
