@@ -76,6 +76,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		SelfID:         docker.SelfContainerID(),
 		Logger:         log,
 	})
+	hooks := startHookServer(c, log, w, rec)
 	acfg := admin.Config{Version: version, Proxy: srv, Resolver: res, Watcher: w, Reconciler: rec, Logger: log}
 	if sock != nil {
 		acfg.Socket = sock
@@ -96,6 +97,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		ln, err := net.Listen("tcp", c.admin)
 		if err != nil {
 			cancel()
+			hooks.Close()
 			if sock != nil {
 				sock.Close() // nothing was set up yet: detach the programs
 			}
@@ -114,6 +116,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	}()
 	runErr := w.Run(ctx)
 	cancel()
+	hooks.Close()
 	<-sweepDone
 	// Set-ups in flight are cancelled first, so that the relay's teardown
 	// sees every namespace that was set up. The socket path goes before

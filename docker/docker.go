@@ -170,6 +170,8 @@ type Watcher struct {
 	// mu guards view, the desired state last handed to the Sink.
 	mu   sync.Mutex
 	view []Namespace
+
+	pre prestartState // containers before their start, for hooks (prestart.go)
 }
 
 // NewWatcher returns a Watcher for cfg. It does nothing until Run.
@@ -192,6 +194,7 @@ func newWatcher(cfg Config, eng engine) *Watcher {
 		forbidden: make(map[uint64]bool),
 	}
 	w.openNS = w.openNamespace
+	w.pre.init()
 	// PID 1 is the host's init when we run on the host or with
 	// --pid=host; self is the host on the host. A container can land in
 	// either namespace in ways its own network mode does not show
@@ -318,7 +321,7 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 		Since: strconv.FormatInt(time.Now().Add(-sinceSlack).Unix(), 10),
 		Filters: map[string][]string{
 			"type":  {"container"},
-			"event": lifecycleEvents,
+			"event": slices.Concat(lifecycleEvents, []string{"create"}), // create: for hooks (prestart.go)
 		},
 	}
 	if err := w.eng.AddEventListenerWithOptions(opts, ch); err != nil {
@@ -340,6 +343,9 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 	}
 	for ins.busy() {
 		w.apply(ins.take(<-ins.results), ins)
+	}
+	if err := w.listAll(ctx); err != nil {
+		w.log.Warn("hooks will wait for create events", "err", err)
 	}
 	w.publish()
 	w.healthy.Store(true)
@@ -389,6 +395,7 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-tick.C:
+			w.pre.pruneWaiting()
 			if listing {
 				continue // the last one is still running: an engine that slow gains nothing from two
 			}
@@ -414,6 +421,7 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 			if !ok {
 				return errStreamEnded
 			}
+			w.noteEvent(ev)
 			if w.cfg.Ports != nil && isLifecycle(ev) {
 				w.cfg.Ports.Invalidate()
 			}
@@ -422,6 +430,8 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 			}
 		case r := <-ins.results:
 			w.apply(ins.take(r), ins)
+		case m := <-w.pre.msgs:
+			w.handlePrestart(m, ins)
 		}
 		// Hand the state over once the results that are already in have
 		// been taken: a burst of events then costs one computation.

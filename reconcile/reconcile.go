@@ -111,6 +111,7 @@ type Reconciler struct {
 	desired []Namespace // sorted by key, as last handed over
 	keys    map[string]*keyState
 	workers sync.WaitGroup
+	waits   waiters // for WaitApplied (wait.go)
 }
 
 // keyState is one namespace's delivery. At most one worker runs per key.
@@ -287,6 +288,7 @@ func (r *Reconciler) deliver(key string, ks *keyState) {
 
 		r.mu.Lock()
 		ks.err = err
+		r.waits.attemptDone(key, want, err)
 		if err == nil {
 			if want == nil {
 				ks.sent = nil
