@@ -175,7 +175,7 @@ var options = []option{
 			return nil
 		}},
 	{"hook-timeout", "CONNECTABLE_HOOK_TIMEOUT", "2s", "connectable hook: how long a container's start waits for its set-up before it goes on without", duration(func(c *config) *time.Duration { return &c.hookTimeout })},
-	{"hook-strict", "CONNECTABLE_HOOK_STRICT", "false", "connectable hook: fail the start of a labelled container that could not be set up within --hook-timeout (the daemon down, slow, or refusing it)",
+	{"hook-strict", "CONNECTABLE_HOOK_STRICT", "false", "connectable hook: fail the start of a labelled container that could not be set up within --hook-timeout because the daemon was down, slow or failing (labels it refuses still start, as without the hook)",
 		func(c *config, v string) (err error) { c.hookStrict, err = strconv.ParseBool(v); return err }},
 	{"hook-log", "CONNECTABLE_HOOK_LOG", "syslog", "connectable hook: where it says why a labelled container started without its set-up: syslog, stderr or a file to append to (the runtime discards a hook's output when it succeeds)",
 		func(c *config, v string) error { c.hookLog = v; return nil }},

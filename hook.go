@@ -45,8 +45,11 @@ type hookRequest struct {
 // hookReply is the daemon's answer: one JSON line.
 type hookReply struct {
 	// Served: every data path serves the container's labelled ports.
-	Served  bool   `json:"served"`
-	Labeled bool   `json:"labeled"`
+	Served  bool `json:"served"`
+	Labeled bool `json:"labeled"`
+	// Skipped: the daemon decided there is nothing to set up (labels
+	// malformed or refused, host network mode, ...); Reason says why.
+	Skipped bool   `json:"skipped,omitempty"`
 	Reason  string `json:"reason,omitempty"` // why not served
 	Key     string `json:"key,omitempty"`
 }
@@ -119,6 +122,10 @@ func hookCmd(ctx context.Context, c *config, stdin io.Reader, stderr io.Writer) 
 	case err != nil:
 		return fail("connectable hook: container %.12s not set up before its start: %v", st.ID, err)
 	case rep.Served || !rep.Labeled:
+		return 0
+	case rep.Skipped:
+		// The daemon's answer, logged there; strict mode is for a
+		// daemon that could not answer.
 		return 0
 	default:
 		return fail("connectable hook: container %.12s not set up before its start: %s", st.ID, rep.Reason)

@@ -169,7 +169,11 @@ func (s *hookServer) serveHook(conn *net.UnixConn) {
 	start := time.Now()
 	rep := s.handle(ctx, req)
 	if rep.Labeled {
-		defer s.w.PrestartDone(req.ID)
+		defer func() {
+			ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+			defer cancel()
+			s.w.PrestartDone(ctx, req.ID)
+		}()
 		took := time.Since(start)
 		if rep.Served {
 			s.log.Debug("container set up before its start", "id", short(req.ID), "key", short(rep.Key), "took", took)
@@ -189,7 +193,7 @@ func (s *hookServer) handle(ctx context.Context, req hookRequest) hookReply {
 		return hookReply{Labeled: res.Labeled || ctx.Err() != nil, Reason: err.Error()}
 	}
 	if res.Key == "" {
-		return hookReply{Labeled: res.Labeled, Reason: res.Reason}
+		return hookReply{Labeled: res.Labeled, Skipped: true, Reason: res.Reason}
 	}
 	if err := s.rec.WaitApplied(ctx, res.Key, res.NetNS); err != nil {
 		return hookReply{Labeled: true, Key: res.Key, Reason: err.Error()}

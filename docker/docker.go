@@ -395,7 +395,7 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-tick.C:
-			w.pre.pruneWaiting()
+			w.pre.prune()
 			if listing {
 				continue // the last one is still running: an engine that slow gains nothing from two
 			}
@@ -490,7 +490,7 @@ func (w *Watcher) applyList(ins *inspector, l listing) error {
 		running[c.ID] = true
 	}
 	for _, id := range w.cache.ids() {
-		if !running[id] && !ins.seenSince(id, l.seq) {
+		if !running[id] && !ins.seenSince(id, l.seq) && !w.admittedRecently(id) {
 			w.cache.forget(id)
 		}
 	}

@@ -60,6 +60,10 @@ type prestartState struct {
 	msgs    chan prestartMsg
 	records map[string]*record
 	waiting map[string][]prestartMsg // lookups for containers not known yet
+	// admitted holds when each container was admitted, until an
+	// inspection has shown it since: a listing does not show a container
+	// whose start is still going on, and must not forget it meanwhile.
+	admitted map[string]time.Time
 	listed  bool                     // records hold a full listing of this session
 }
 
@@ -91,6 +95,7 @@ func (p *prestartState) init() {
 		p.msgs = make(chan prestartMsg)
 		p.records = make(map[string]*record)
 		p.waiting = make(map[string][]prestartMsg)
+		p.admitted = make(map[string]time.Time)
 	}
 }
 
@@ -171,11 +176,11 @@ func (w *Watcher) Prestart(ctx context.Context, req PrestartRequest) (PrestartRe
 // container is inspected once its start is over (the inspection waits for
 // it), so that one that did not start after all, and sends no event, is
 // forgotten at once rather than at the next resync.
-func (w *Watcher) PrestartDone(id string) {
+func (w *Watcher) PrestartDone(ctx context.Context, id string) {
 	w.pre.init()
 	select {
 	case w.pre.msgs <- prestartMsg{kind: msgDone, id: id}:
-	default: // Run's goroutine is busy or gone: the resync looks anyway
+	case <-ctx.Done(): // Run's goroutine is gone: the next session lists anew
 	}
 }
 
@@ -265,6 +270,7 @@ func (w *Watcher) admit(m prestartMsg, ins *inspector) (PrestartResult, string) 
 		}
 	}
 	c.containers[m.id] = ct
+	w.pre.admitted[m.id] = time.Now()
 	// An inspection started before now shows the container created, not
 	// running: it must not undo this.
 	ins.fresh(m.id, ins.next())
@@ -380,11 +386,24 @@ func (w *Watcher) noteInspected(c *dockerapi.Container) {
 		mode = c.HostConfig.NetworkMode
 	}
 	w.remember(c.ID, labels, strings.TrimPrefix(c.Name, "/"), mode, c.Created)
+	delete(w.pre.admitted, c.ID)
+}
+
+// admitGrace bounds how long an admitted container is kept without an
+// inspection showing it: the start it waits for ends right after its hook.
+const admitGrace = time.Minute
+
+// admittedRecently reports whether the container id was admitted by a hook
+// and not inspected since: a listing that does not show it must keep it.
+func (w *Watcher) admittedRecently(id string) bool {
+	at, ok := w.pre.admitted[id]
+	return ok && time.Since(at) < admitGrace
 }
 
 // noteGone forgets a container the engine does not know.
 func (w *Watcher) noteGone(id string) {
 	delete(w.pre.records, id)
+	delete(w.pre.admitted, id)
 	w.pre.answer(id, nil)
 }
 
@@ -429,8 +448,13 @@ func (p *prestartState) answer(id string, r *record) {
 	delete(p.waiting, id)
 }
 
-// pruneWaiting drops lookups whose hook gave up.
-func (p *prestartState) pruneWaiting() {
+// prune drops lookups whose hook gave up, and admissions past their grace.
+func (p *prestartState) prune() {
+	for id, at := range p.admitted {
+		if time.Since(at) >= admitGrace {
+			delete(p.admitted, id)
+		}
+	}
 	for id, ms := range p.waiting {
 		ms = slices.DeleteFunc(ms, func(m prestartMsg) bool { return m.ctx.Err() != nil })
 		if len(ms) == 0 {
