@@ -64,7 +64,7 @@ type prestartState struct {
 	// inspection has shown it since: a listing does not show a container
 	// whose start is still going on, and must not forget it meanwhile.
 	admitted map[string]time.Time
-	listed  bool                     // records hold a full listing of this session
+	listed   bool // records hold a full listing of this session
 }
 
 // prestartMsg is one request from a hook's handler to Run's goroutine.
