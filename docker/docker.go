@@ -344,10 +344,10 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 	for ins.busy() {
 		w.apply(ins.take(<-ins.results), ins)
 	}
+	w.publish()
 	if err := w.listAll(ctx); err != nil {
 		w.log.Warn("hooks will wait for create events", "err", err)
 	}
-	w.publish()
 	w.healthy.Store(true)
 	switch {
 	case w.lost:
