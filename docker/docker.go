@@ -10,7 +10,9 @@
 // cache), desired.go (containers → desired state, a pure function),
 // labels.go (connect.<port> labels), engine.go (the client's quirks),
 // self.go (the daemon's own container), ports.go (published ports →
-// the containers' own addresses, for a data path that skips the NAT).
+// the containers' own addresses, for a data path that skips the NAT),
+// prestart.go (containers set up before their process runs, for the OCI
+// hook).
 //
 // A namespace is named by a key, the ID of the container that owns it (for
 // --network container:<id>, the container named there), and opened once, as

@@ -405,12 +405,15 @@ func TestHookDaemonRestart(t *testing.T) {
 	d := startDaemonArgs(t, dns, extra...)
 	waitHealthy(t, d)
 
-	const n = 16
+	const n = 24
 	var ids []string
 	var mu sync.Mutex
+	// The daemon is restarted once a few containers have started, while
+	// the others start.
+	restartNow := make(chan struct{})
 	restarted := make(chan *daemon, 1)
 	go func() {
-		time.Sleep(time.Second)
+		<-restartNow
 		d.stop(syscall.SIGTERM)
 		restarted <- startDaemonArgs(t, dns, extra...)
 	}()
@@ -421,6 +424,9 @@ func TestHookDaemonRestart(t *testing.T) {
 		}
 		mu.Lock()
 		ids = append(ids, strings.TrimSpace(string(out)))
+		if len(ids) == 4 {
+			close(restartNow)
+		}
 		mu.Unlock()
 		return true, nil
 	})
