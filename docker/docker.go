@@ -336,7 +336,9 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 	}()
 	w.stats.subscriptions.Add(1)
 	ins := newInspector(w, ctx)
-	defer ins.wait() // after cancel, deferred above it
+	// Cancelled first: an inspection of a container that is starting
+	// waits for the start, which may wait for a hook this watcher serves.
+	defer func() { cancel(); ins.wait() }()
 
 	// The first resync completes before events are followed, so the state
 	// handed over first is the engine's whole truth; events queue meanwhile.
@@ -347,9 +349,8 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 		w.apply(ins.take(<-ins.results), ins)
 	}
 	w.publish()
-	if err := w.listAll(ctx); err != nil {
-		w.log.Warn("hooks will wait for create events", "err", err)
-	}
+	waitList := w.startListAll(ctx) // for hooks; off this goroutine, which serves them
+	defer func() { cancel(); waitList() }()
 	w.healthy.Store(true)
 	switch {
 	case w.lost:
@@ -434,6 +435,8 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 			w.apply(ins.take(r), ins)
 		case m := <-w.pre.msgs:
 			w.handlePrestart(m, ins)
+		case l := <-w.pre.listed:
+			w.applyListAll(l)
 		}
 		// Hand the state over once the results that are already in have
 		// been taken: a burst of events then costs one computation.

@@ -63,8 +63,9 @@ type prestartState struct {
 	// admitted holds when each container was admitted, until an
 	// inspection has shown it since: a listing does not show a container
 	// whose start is still going on, and must not forget it meanwhile.
-	admitted map[string]time.Time
-	listed   bool // records hold a full listing of this session
+	admitted  map[string]time.Time
+	listedAll bool            // records hold a full listing
+	listed    chan allListing // startListAll's result, to Run's goroutine
 }
 
 // prestartMsg is one request from a hook's handler to Run's goroutine.
@@ -96,6 +97,7 @@ func (p *prestartState) init() {
 		p.records = make(map[string]*record)
 		p.waiting = make(map[string][]prestartMsg)
 		p.admitted = make(map[string]time.Time)
+		p.listed = make(chan allListing, 1)
 	}
 }
 
@@ -210,7 +212,7 @@ func (w *Watcher) handlePrestart(m prestartMsg, ins *inspector) {
 			ins.request(m.id)
 		}
 	case msgLookup:
-		if r := p.records[m.id]; r != nil || p.listed && len(p.records) >= maxRecords {
+		if r := p.records[m.id]; r != nil || p.listedAll && len(p.records) >= maxRecords {
 			m.reply <- prestartReply{rec: r}
 			return
 		}
@@ -465,21 +467,46 @@ func (p *prestartState) prune() {
 	}
 }
 
-// listAll records every container the engine has, created or stopped ones
-// too, so that a hook for a container created before this session, or
-// started again, needs no event. Listing answers at once while a
-// container starts, on Docker; an inspection would not.
-func (w *Watcher) listAll(ctx context.Context) error {
-	lctx, cancel := context.WithTimeout(ctx, callTimeout)
-	defer cancel()
-	list, err := w.eng.ListContainers(dockerapi.ListContainersOptions{All: true, Context: lctx})
-	if err != nil {
-		return fmt.Errorf("listing all containers: %w", err)
+// allListing is one listing of every container, created and stopped ones
+// too.
+type allListing struct {
+	list []dockerapi.APIContainers
+	err  error
+}
+
+// startListAll lists every container the engine has, off Run's goroutine
+// (Podman's listing waits for containers that are starting, whose hooks
+// Run's goroutine serves), for applyListAll; it returns what waits for
+// the listing, to call once ctx is cancelled.
+func (w *Watcher) startListAll(ctx context.Context) (wait func()) {
+	select {
+	case <-w.pre.listed: // a past session's, never applied
+	default:
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		lctx, cancel := context.WithTimeout(ctx, callTimeout)
+		defer cancel()
+		list, err := w.eng.ListContainers(dockerapi.ListContainersOptions{All: true, Context: lctx})
+		select {
+		case w.pre.listed <- allListing{list: list, err: err}:
+		case <-ctx.Done():
+		}
+	}()
+	return func() { <-done }
+}
+
+// applyListAll records what a full listing says, so that a hook for a
+// container created before this session, or started again, needs no event.
+func (w *Watcher) applyListAll(l allListing) {
+	if l.err != nil {
+		w.log.Warn("listing all containers for hooks; they wait for create events", "err", l.err)
+		return
 	}
 	p := &w.pre
-	p.init()
-	seen := make(map[string]bool, len(list))
-	for _, c := range list {
+	seen := make(map[string]bool, len(l.list))
+	for _, c := range l.list {
 		seen[c.ID] = true
 		name := ""
 		if len(c.Names) > 0 {
@@ -491,13 +518,14 @@ func (w *Watcher) listAll(ctx context.Context) error {
 		}
 		w.remember(c.ID, c.Labels, name, "", time.Unix(c.Created, 0))
 	}
-	for id := range p.records {
-		if !seen[id] {
+	// A container created while the listing ran has its record from its
+	// create event: keep records younger than the listing's longest run.
+	for id, r := range p.records {
+		if !seen[id] && time.Since(r.created) > callTimeout {
 			delete(p.records, id)
 		}
 	}
-	p.listed = true
-	return nil
+	p.listedAll = true
 }
 
 func filterRouteLabels(labels map[string]string) map[string]string {
