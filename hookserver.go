@@ -49,11 +49,21 @@ const (
 // startHookServer listens on c.hookSocket, if set. A daemon that cannot
 // serves no hooks, and says why, rather than not starting: hooks then let
 // containers start as they would without them.
-func startHookServer(c *config, log *slog.Logger, w *docker.Watcher, rec *reconcile.Reconciler) *hookServer {
+func startHookServer(c *config, log *slog.Logger, w *docker.Watcher, rec *reconcile.Reconciler, ports *docker.PortTable) *hookServer {
 	if c.hookSocket == "" {
 		return nil
 	}
 	log = log.With("component", "hook")
+	if c.datapath != "relay" && ports != nil {
+		// The socket path's first set-up waits for the first listing of
+		// published ports, and Podman's listing waits for containers that
+		// are starting: a hook would wait for itself. Listed now instead.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := ports.Refresh(ctx); err != nil {
+			log.Warn("listing published ports before serving hooks", "err", err)
+		}
+		cancel()
+	}
 	s, err := listenHooks(c.hookSocket, log, w, rec)
 	if err != nil {
 		log.Warn("serving no OCI hooks", "err", err)
