@@ -127,7 +127,8 @@ func (s *hookServer) acceptLoop() {
 		select {
 		case s.slots <- struct{}{}:
 		default:
-			s.reply(conn, hookReply{Reason: "the daemon serves too many hooks at once"})
+			// Whether it has labels is not known: a strict hook fails.
+			s.reply(conn, hookReply{Labeled: true, Reason: "the daemon serves too many hooks at once"})
 			conn.Close()
 			continue
 		}
