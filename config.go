@@ -50,6 +50,11 @@ type config struct {
 	datapath string // relay, socket or auto
 	bpfDir   string
 	cgroup2  string // "": found in /proc/self/mountinfo
+	// The OCI hook (README "No start race"; hook.go, hookserver.go).
+	hookSocket  string // "": the daemon opens none
+	hookTimeout time.Duration
+	hookStrict  bool
+	hookLog     string // syslog, stderr or a file
 }
 
 // option is one flag with the environment variable that sets its default.
@@ -165,6 +170,19 @@ var options = []option{
 			c.cgroup2 = v
 			return nil
 		}},
+	{"hook-socket", "CONNECTABLE_HOOK_SOCKET", defaultHookSocket, "Unix socket (root only) on which the daemon serves `connectable hook`, and which the hook asks; empty: the daemon opens none",
+		func(c *config, v string) error {
+			if v != "" && !strings.HasPrefix(v, "/") {
+				return errors.New("must be an absolute path")
+			}
+			c.hookSocket = v
+			return nil
+		}},
+	{"hook-timeout", "CONNECTABLE_HOOK_TIMEOUT", "2s", "connectable hook: how long a container's start waits for its set-up before it goes on without", duration(func(c *config) *time.Duration { return &c.hookTimeout })},
+	{"hook-strict", "CONNECTABLE_HOOK_STRICT", "false", "connectable hook: fail the start of a labelled container that could not be set up within --hook-timeout because the daemon was down, slow or failing (labels it refuses still start, as without the hook)",
+		func(c *config, v string) (err error) { c.hookStrict, err = strconv.ParseBool(v); return err }},
+	{"hook-log", "CONNECTABLE_HOOK_LOG", "syslog", "connectable hook: where it says why a labelled container started without its set-up: syslog, stderr or a file to append to (the runtime discards a hook's output when it succeeds)",
+		func(c *config, v string) error { c.hookLog = v; return nil }},
 	{"log-level", "CONNECTABLE_LOG_LEVEL", "info", "log level: debug, info, warn or error (debug logs every connection)",
 		func(c *config, v string) error { return c.logLevel.UnmarshalText([]byte(v)) }},
 	{"log-format", "CONNECTABLE_LOG_FORMAT", "text", "log format: text or json",
@@ -302,6 +320,11 @@ func usage(fs *flag.FlagSet, w io.Writer) {
   connectable cleanup [--bpf-dir DIR]    remove the socket path from the kernel (its
                                          programs, links and maps) after the daemon stopped
   connectable version                    print the version
+  connectable hook [options]             OCI hook: set up the container on stdin's OCI state before it runs
+  connectable runtime [options] [--] RUNC-ARGS...
+                                         OCI runtime that adds the hook and executes runc (for Docker)
+  connectable hook-config docker|podman [--default-runtime] [--write PATH]
+                                         print or install the configuration that runs the hook
 
 Containers declare what they need with labels: connect.<port>=<service>.
 <service> is a DNS name (SRV lookup), host:port or ip:port.

@@ -95,6 +95,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		SelfID:         docker.SelfContainerID(),
 		Logger:         log,
 	})
+	hooks := startHookServer(c, log, w, rec, ports)
 	acfg := admin.Config{Version: version, Proxy: srv, Resolver: res, Watcher: w, Reconciler: rec, Logger: log}
 	if sock != nil {
 		acfg.Socket = sock
@@ -115,6 +116,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		ln, err := net.Listen("tcp", c.admin)
 		if err != nil {
 			cancel()
+			hooks.Close()
 			if sock != nil {
 				sock.stop() // what a previous run left keeps serving
 			}
@@ -133,6 +135,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	}()
 	runErr := w.Run(ctx)
 	cancel()
+	hooks.Close()
 	<-sweepDone
 	// Set-ups in flight are cancelled first, so that the relay's teardown
 	// sees every namespace that was set up. The socket path stays in the

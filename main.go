@@ -27,7 +27,13 @@ func main() {
 // run is main without the process: it returns the exit code.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	sub := ""
-	if len(args) > 0 && (args[0] == "resolve" || args[0] == "status" || args[0] == "cleanup" || args[0] == "version") {
+	if len(args) > 0 && args[0] == "runtime" { // runc's arguments follow: not ours to parse
+		return runtimeCmd(args[1:], getenv, stderr)
+	}
+	if len(args) > 0 && args[0] == "hook-config" {
+		return hookConfigCmd(args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && (args[0] == "resolve" || args[0] == "status" || args[0] == "cleanup" || args[0] == "version" || args[0] == "hook") {
 		sub, args = args[0], args[1:]
 	}
 	if sub == "version" {
@@ -49,6 +55,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return statusCmd(ctx, c, positional, stdout, stderr)
 	case sub == "cleanup":
 		return cleanupCmd(c, positional, stdout, stderr)
+	case sub == "hook":
+		return hookCmd(ctx, c, os.Stdin, stderr)
 	case len(positional) > 0:
 		fmt.Fprintf(stderr, "connectable: unknown command %q (see --help)\n", positional[0])
 		return 2

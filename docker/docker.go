@@ -10,7 +10,9 @@
 // cache), desired.go (containers → desired state, a pure function),
 // labels.go (connect.<port> labels), engine.go (the client's quirks),
 // self.go (the daemon's own container), ports.go (published ports →
-// the containers' own addresses, for a data path that skips the NAT).
+// the containers' own addresses, for a data path that skips the NAT),
+// prestart.go (containers set up before their process runs, for the OCI
+// hook).
 //
 // A namespace is named by a key, the ID of the container that owns it (for
 // --network container:<id>, the container named there), and opened once, as
@@ -176,6 +178,8 @@ type Watcher struct {
 	// mu guards view, the desired state last handed to the Sink.
 	mu   sync.Mutex
 	view []Namespace
+
+	pre prestartState // containers before their start, for hooks (prestart.go)
 }
 
 // NewWatcher returns a Watcher for cfg. It does nothing until Run.
@@ -198,6 +202,7 @@ func newWatcher(cfg Config, eng engine) *Watcher {
 		forbidden: make(map[uint64]bool),
 	}
 	w.openNS = w.openNamespace
+	w.pre.init()
 	// PID 1 is the host's init when we run on the host or with
 	// --pid=host; self is the host on the host. A container can land in
 	// either namespace in ways its own network mode does not show
@@ -324,7 +329,7 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 		Since: strconv.FormatInt(time.Now().Add(-sinceSlack).Unix(), 10),
 		Filters: map[string][]string{
 			"type":  {"container"},
-			"event": lifecycleEvents,
+			"event": slices.Concat(lifecycleEvents, []string{"create"}), // create: for hooks (prestart.go)
 		},
 	}
 	if err := w.eng.AddEventListenerWithOptions(opts, ch); err != nil {
@@ -337,7 +342,9 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 	}()
 	w.stats.subscriptions.Add(1)
 	ins := newInspector(w, ctx)
-	defer ins.wait() // after cancel, deferred above it
+	// Cancelled first: an inspection of a container that is starting
+	// waits for the start, which may wait for a hook this watcher serves.
+	defer func() { cancel(); ins.wait() }()
 
 	// The first resync completes before events are followed, so the state
 	// handed over first is the engine's whole truth; events queue meanwhile.
@@ -351,6 +358,8 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 	if w.cfg.Listed != nil {
 		w.cfg.Listed()
 	}
+	waitList := w.startListAll(ctx) // for hooks; off this goroutine, which serves them
+	defer func() { cancel(); waitList() }()
 	w.healthy.Store(true)
 	switch {
 	case w.lost:
@@ -398,6 +407,7 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-tick.C:
+			w.pre.prune()
 			if listing {
 				continue // the last one is still running: an engine that slow gains nothing from two
 			}
@@ -423,6 +433,7 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 			if !ok {
 				return errStreamEnded
 			}
+			w.noteEvent(ev)
 			if w.cfg.Ports != nil && isLifecycle(ev) {
 				w.cfg.Ports.Invalidate()
 			}
@@ -431,6 +442,10 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 			}
 		case r := <-ins.results:
 			w.apply(ins.take(r), ins)
+		case m := <-w.pre.msgs:
+			w.handlePrestart(m, ins)
+		case l := <-w.pre.listed:
+			w.applyListAll(l)
 		}
 		// Hand the state over once the results that are already in have
 		// been taken: a burst of events then costs one computation.
@@ -489,7 +504,7 @@ func (w *Watcher) applyList(ins *inspector, l listing) error {
 		running[c.ID] = true
 	}
 	for _, id := range w.cache.ids() {
-		if !running[id] && !ins.seenSince(id, l.seq) {
+		if !running[id] && !ins.seenSince(id, l.seq) && !w.admittedRecently(id) {
 			w.cache.forget(id)
 		}
 	}

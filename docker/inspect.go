@@ -228,6 +228,7 @@ func (w *Watcher) apply(r inspection, in *inspector) {
 	case r.gone:
 		if in.fresh(r.id, r.seq) {
 			w.log.Debug("container gone", "id", short(r.id))
+			w.noteGone(r.id)
 			w.cache.forget(r.id)
 			w.cache.dropWarningsOf(r.id)
 		}
@@ -244,6 +245,7 @@ func (w *Watcher) apply(r inspection, in *inspector) {
 			if !in.fresh(c.ID, r.seq) {
 				continue
 			}
+			w.noteInspected(c)
 			// Keyed by the full ID of the owner where it could be
 			// inspected, else by the reference the engine recorded.
 			owner, _ := ownerRef(c)

@@ -121,6 +121,7 @@ type Reconciler struct {
 	full      bool
 	unsettled map[string]bool
 	settled   chan struct{}
+	waits     waiters // for WaitApplied (wait.go)
 }
 
 // keyState is one namespace's delivery. At most one worker runs per key.
@@ -348,6 +349,7 @@ func (r *Reconciler) deliver(key string, ks *keyState) {
 
 		r.mu.Lock()
 		ks.err, ks.inflight = err, false
+		r.waits.attemptDone(key, want, err)
 		if want != nil {
 			r.settleLocked(key) // set up, or failed once
 		}

@@ -32,6 +32,10 @@ type EngineConfig struct {
 	// Runtimes optionally registers OCI runtimes (name → path of the
 	// executable), as daemon.json's "runtimes" does.
 	Runtimes map[string]string
+	// RuntimeArgs optionally gives registered runtimes their arguments
+	// (name → daemon.json's runtimeArgs), which dockerd puts before the
+	// runtime's own.
+	RuntimeArgs map[string][]string
 	// DefaultRuntime optionally names the runtime containers get when
 	// docker run names none.
 	DefaultRuntime string
@@ -87,7 +91,11 @@ func StartEngine(t testing.TB, cfg EngineConfig) *Engine {
 	if len(cfg.Runtimes) > 0 {
 		rts := map[string]any{}
 		for name, path := range cfg.Runtimes {
-			rts[name] = map[string]string{"path": path}
+			rt := map[string]any{"path": path}
+			if args := cfg.RuntimeArgs[name]; len(args) > 0 {
+				rt["runtimeArgs"] = args
+			}
+			rts[name] = rt
 		}
 		conf["runtimes"] = rts
 	}
