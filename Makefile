@@ -18,15 +18,16 @@ build:
 # says in one line which tests skip, and the rest run.
 # Packages run one at a time (-p 1): several of them act on the one Docker
 # Engine and on iptables binaries, and the machine has two cores.
-# The end-to-end suite runs a second time with its daemons on the socket
-# data path (CONNECTABLE_E2E_DATAPATH=socket), so that every case is also
-# proved with the eBPF programs attached and the relay beneath them.
+# The first run is in the daemon's default data path (auto: the eBPF socket
+# path where it can serve, the relay beneath); the end-to-end suite then
+# runs a second time with its daemons on the relay alone
+# (CONNECTABLE_E2E_DATAPATH=relay), so that every case is proved in both.
 TEST_STRICT = $${CONNECTABLE_TEST_STRICT-$$([ "$$(id -u)" = 0 ] && echo 1 || echo 0)}
 test: build
 	GO='$(GO)' scripts/setup.sh test
 	$(GO) vet ./...
 	CONNECTABLE_TEST_STRICT=$(TEST_STRICT) $(GO) test -race -p 1 -count=1 -timeout 30m ./...
-	CONNECTABLE_TEST_STRICT=$(TEST_STRICT) CONNECTABLE_E2E_DATAPATH=socket $(GO) test -race -p 1 -count=1 -timeout 30m ./e2e/
+	CONNECTABLE_TEST_STRICT=$(TEST_STRICT) CONNECTABLE_E2E_DATAPATH=relay $(GO) test -race -p 1 -count=1 -timeout 30m ./e2e/
 
 # Only the installation and the Consul build that make test starts with.
 setup:

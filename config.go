@@ -145,7 +145,7 @@ var options = []option{
 			c.maxDialsPerNS = n
 			return nil
 		}},
-	{"datapath", "CONNECTABLE_DATAPATH", "relay", "data path: relay (every connection through the proxy), socket (connect() sent straight to an endpoint by eBPF programs where the namespace can reach it, the relay beneath for the rest; fail if the programs cannot load) or auto (socket where the kernel allows, else relay)",
+	{"datapath", "CONNECTABLE_DATAPATH", "auto", "data path: auto (the socket path where the kernel and the daemon's surroundings allow it, with one log line saying why not where they do not, else the relay), relay (every connection through the proxy) or socket (connect() sent straight to an endpoint by eBPF programs where the namespace can reach it, the relay beneath for the rest; fail if the programs cannot load)",
 		func(c *config, v string) error {
 			switch v {
 			case "relay", "socket", "auto":

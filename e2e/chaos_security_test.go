@@ -98,7 +98,7 @@ func TestChaosAdminReadOnly(t *testing.T) {
 		t.Errorf("--help does not give 127.0.0.1:9876 as the admin default:\n%s", help)
 	}
 	_, dns := webService(t)
-	plain := exec.Command(binary, "--dns", dns)
+	plain := exec.Command(binary, "--dns", dns, "--datapath", "relay") // the admin listener is the subject; nothing to pin
 	logs := &testenv.SyncBuffer{}
 	plain.Stdout, plain.Stderr = logs, logs
 	if err := plain.Start(); err != nil {
@@ -175,7 +175,7 @@ func TestChaosCapabilities(t *testing.T) {
 	common := []string{"--network=host", "-v", "/var/run/docker.sock:/var/run/docker.sock"}
 	// The backend is on the host's loopback, which the target policy
 	// refuses unless told otherwise.
-	daemonArgs := []string{tag, "--dns", dns, "--admin", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "--allow-targets", "127.0.0.0/8"}
+	daemonArgs := []string{tag, "--datapath", "relay", "--dns", dns, "--admin", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "--allow-targets", "127.0.0.0/8"}
 
 	for _, tc := range []struct {
 		name  string

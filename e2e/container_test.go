@@ -31,7 +31,7 @@ func TestDaemonAsContainer(t *testing.T) {
 	daemon := testenv.RunContainer(t, "--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--pid=host", "--network=host",
 		"-v", "/var/run/docker.sock:/var/run/docker.sock",
 		"-l", "connect.6000=web.service.test",
-		tag, "--dns", dns, "--log-level", "debug", "--resync", "2s", "--allow-targets", "127.0.0.0/8") // a loopback backend
+		tag, "--datapath", "relay", "--dns", dns, "--log-level", "debug", "--resync", "2s", "--allow-targets", "127.0.0.0/8") // a loopback backend
 	t.Cleanup(func() {
 		if t.Failed() {
 			out, _ := exec.Command("docker", "logs", daemon).CombinedOutput()

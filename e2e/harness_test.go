@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -141,32 +142,35 @@ type daemon struct {
 }
 
 // dataPathEnv names the environment variable that chooses the data path
-// of the suite's daemons: relay (the default) or socket. make test runs
-// the suite once in each.
+// of the suite's daemons: "" (the daemon's default, auto: the socket path
+// where it can serve, the relay beneath), relay, or socket. make test runs
+// the suite in the default and in relay.
 const dataPathEnv = "CONNECTABLE_E2E_DATAPATH"
 
-// suiteDataPath returns the data path startDaemon runs daemons in.
+// suiteDataPath returns the data path startDaemon runs daemons in: "" for
+// the daemon's default.
 func suiteDataPath(t *testing.T) string {
 	t.Helper()
 	switch v := os.Getenv(dataPathEnv); v {
-	case "", "relay":
-		return "relay"
-	case "socket":
-		return "socket"
+	case "", "default", "auto":
+		return ""
+	case "relay", "socket":
+		return v
 	default:
-		t.Fatalf("%s=%q: want relay or socket", dataPathEnv, v)
+		t.Fatalf("%s=%q: want relay, socket or nothing (the default)", dataPathEnv, v)
 		return ""
 	}
 }
 
 // startDaemon starts a daemon in the suite's data path (dataPathEnv).
 // Most tests' clients cannot use the socket path (--network none, or
-// backends on the host's loopback), so in socket mode they prove that the
-// relay beneath still serves what the socket path leaves to it.
+// backends on the host's loopback), so in the default and socket modes
+// they prove that the relay beneath still serves what the socket path
+// leaves to it.
 func startDaemon(t *testing.T, dnsAddr string, extra ...string) *daemon {
 	t.Helper()
-	if suiteDataPath(t) == "socket" {
-		return startSocketDaemon(t, dnsAddr, extra...)
+	if p := suiteDataPath(t); p != "" && !slices.Contains(extra, "--datapath") {
+		extra = append([]string{"--datapath", p}, extra...)
 	}
 	return startDaemonArgs(t, dnsAddr, extra...)
 }
@@ -231,6 +235,11 @@ func startDaemonArgs(t *testing.T, dnsAddr string, extra ...string) *daemon {
 	// default; a test that checks the policy passes its own flags after.
 	args := append([]string{"--dns", dnsAddr, "--log-level", "debug", "--resync", "2s", "--admin", admin,
 		"--allow-targets", "127.0.0.0/8"}, extra...)
+	// The default data path (auto) loads the socket path's programs: its
+	// pins go to the test's own bpffs, never the machine's /sys/fs/bpf.
+	if !slices.Contains(extra, "--bpf-dir") && !slices.Contains(extra, "relay") {
+		args = append(args, "--bpf-dir", bpfDir(t))
+	}
 	d := &daemon{t: t, cmd: exec.Command(binary, args...), logs: &testenv.SyncBuffer{}, done: make(chan struct{}), admin: admin}
 	d.cmd.Stdout, d.cmd.Stderr = d.logs, d.logs
 	if err := d.cmd.Start(); err != nil {

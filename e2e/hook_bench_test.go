@@ -106,7 +106,7 @@ func benchHookDir(b *testing.B) hookDir {
 // what stops it.
 func benchDaemon(b *testing.B, e *testenv.Engine, h hookDir) func() {
 	b.Helper()
-	cmd := exec.Command(binary, "--docker-host", e.Host(), "--hook-socket", h.sock, "--admin", "", "--dns", "127.0.0.1:53", "--log-level", "warn")
+	cmd := exec.Command(binary, "--datapath", "relay", "--docker-host", e.Host(), "--hook-socket", h.sock, "--admin", "", "--dns", "127.0.0.1:53", "--log-level", "warn")
 	var logs testenv.SyncBuffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {

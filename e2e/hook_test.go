@@ -194,7 +194,7 @@ func TestHookNoStartRace(t *testing.T) {
 				d = startSocketDaemon(t, dns, extra...)
 				label = "connect.6000=" + bridgeBackend
 			} else {
-				d = startDaemonArgs(t, dns, extra...)
+				d = startDaemonArgs(t, dns, append([]string{"--datapath", "relay"}, extra...)...)
 			}
 			waitHealthy(t, d)
 			start := time.Now()
@@ -253,7 +253,7 @@ func TestHookPodman(t *testing.T) {
 			if dp == "socket" {
 				d = startSocketDaemon(t, dns, extra...)
 			} else {
-				d = startDaemonArgs(t, dns, extra...)
+				d = startDaemonArgs(t, dns, append([]string{"--datapath", "relay"}, extra...)...)
 			}
 			waitHealthy(t, d)
 			failed := startMany(t, n, func(int) (bool, error) { return run(true) })
