@@ -27,13 +27,25 @@ type fixture struct {
 	res  *fakeResolver
 	p    *Path
 	logs *testenv.SyncBuffer
+	// resolver, if set before start, answers in place of res.
+	resolver Resolver
+	// ports, if set before start, is the Path's Ports.
+	ports Ports
 }
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
+	f := newFixtureStopped(t)
+	f.start()
+	return f
+}
+
+// newFixtureStopped is newFixture without the Path, for a test to
+// configure first.
+func newFixtureStopped(t *testing.T) *fixture {
+	t.Helper()
 	f := &fixture{t: t, dir: bpffs(t), res: newFakeResolver(time.Hour), logs: &testenv.SyncBuffer{}}
 	f.ns = netnsWithAddrs(t, "198.18.201.1/24", "198.18.201.2/24", "198.18.201.3/24", "198.18.201.4/24", "fd00:201::1/64")
-	f.start()
 	return f
 }
 
@@ -41,7 +53,11 @@ func newFixture(t *testing.T) *fixture {
 func (f *fixture) start() {
 	f.t.Helper()
 	k := loadKernel(f.t, f.dir)
-	p, err := New(Config{Kernel: k, Resolver: f.res, RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond,
+	var res Resolver = f.res
+	if f.resolver != nil {
+		res = f.resolver
+	}
+	p, err := New(Config{Kernel: k, Resolver: res, Ports: f.ports, RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond,
 		Logger: testenv.Logger(f.t, f.logs)})
 	if err != nil {
 		k.Remove()
