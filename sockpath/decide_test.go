@@ -157,11 +157,10 @@ func TestSlowTenantStallsNoOther(t *testing.T) {
 
 // countingListener accepts connections in ns on addr and counts them.
 type countingListener struct {
-	ln    net.Listener
-	n     atomic.Int64
-	wg    sync.WaitGroup
-	addr  netip.AddrPort
-	close sync.Once
+	ln   net.Listener
+	n    atomic.Int64
+	wg   sync.WaitGroup
+	addr netip.AddrPort
 }
 
 func countAccepts(t *testing.T, ns, addr string) *countingListener {
