@@ -190,7 +190,14 @@ func (p *Path) look(ctx context.Context, sp *space, ns string, ans resolver.Answ
 			}
 		}
 	}
+	// The namespace's slots bound its threads in namespaces too.
+	select {
+	case sp.checks <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	view, err := look(ns, addrs)
+	<-sp.checks
 	if err != nil {
 		return nil, err
 	}

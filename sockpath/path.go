@@ -319,11 +319,13 @@ func (p *Path) enter(sp *space, ns string) error {
 	p.mu.Lock()
 	p.dropPorts(sp, nil)
 	clear(sp.reached)
+	// Under both locks: the health code reads them with p.mu alone.
+	sp.netns, sp.cookie = ns, cookie
 	p.mu.Unlock()
 	if sp.release != nil {
 		sp.release()
 	}
-	sp.netns, sp.cookie, sp.release = ns, cookie, release
+	sp.release = release
 	return nil
 }
 
