@@ -291,3 +291,54 @@ func TestPublishedPortTranslation(t *testing.T) {
 		})
 	}
 }
+
+// An answer with more endpoints than the socket path checks stays on the
+// relay, and says why.
+func TestAnswerEndpointsCap(t *testing.T) {
+	f := newFixture(t)
+	var eps []netip.AddrPort
+	for i := range maxAnswerEndpoints + 1 {
+		eps = append(eps, netip.AddrPortFrom(netip.MustParseAddr("198.18.201.1"), uint16(20000+i)))
+	}
+	f.res.set("big", group(1, eps))
+	f.apply(map[uint16]string{6000: "big"})
+	if s := f.serving(6000, "ipv4"); s.Path != "relay" || !strings.Contains(s.Why, fmt.Sprintf("has %d endpoints", maxAnswerEndpoints+1)) {
+		t.Errorf("%+v; want the relay, because the answer has more than %d endpoints", s, maxAnswerEndpoints)
+	}
+}
+
+// The schedule of a service's decisions: on the socket path, when the
+// answer expires (never sooner than refreshMin); on the relay, a back-off
+// that starts at 1s for a name that does not resolve and at recheckMin
+// otherwise, doubles while nothing changes, and starts over when the
+// reason does.
+func TestScheduleNext(t *testing.T) {
+	now := time.Unix(1000, 0)
+	var s schedule
+	steps := []struct {
+		o    outcome
+		want time.Duration
+	}{
+		{outcome{unresolved: true, reason: "a"}, time.Second},
+		{outcome{unresolved: true, reason: "b"}, 2 * time.Second},
+		{outcome{unresolved: true, reason: "c"}, 4 * time.Second},
+		{outcome{reason: "no route"}, recheckMin},
+		{outcome{reason: "no route"}, 2 * recheckMin},
+		{outcome{reason: "cannot connect"}, recheckMin},
+		{outcome{socket: true, expires: now.Add(time.Hour)}, time.Hour},
+		{outcome{socket: true, expires: now.Add(time.Millisecond)}, refreshMin},
+		{outcome{reason: "cannot connect"}, recheckMin},
+	}
+	for i := range 8 {
+		steps = append(steps, struct {
+			o    outcome
+			want time.Duration
+		}{outcome{reason: "cannot connect"}, min(recheckMin<<(i+1), recheckMax)})
+	}
+	for i, st := range steps {
+		s.next(st.o, now)
+		if got := s.due.Sub(now); got != st.want {
+			t.Errorf("step %d (%+v): next decision in %v; want %v", i, st.o, got, st.want)
+		}
+	}
+}
