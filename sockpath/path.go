@@ -233,6 +233,7 @@ func (p *Path) Apply(ctx context.Context, key, ns string, routes map[uint16]stri
 	p.mu.Unlock()
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	changed := sp.netns != ns || !maps.Equal(sp.routes, routes)
 	if sp.netns != ns {
 		if err := p.enter(sp, ns); err != nil {
 			return err
@@ -251,7 +252,11 @@ func (p *Path) Apply(ctx context.Context, key, ns string, routes map[uint16]stri
 		}
 	}
 	p.mu.Unlock()
-	sp.wake()
+	if changed {
+		// The same routes again keep their schedule: a port on the relay
+		// waits for its back-off, not for the next Apply.
+		sp.wake()
+	}
 	return nil
 }
 
