@@ -148,6 +148,19 @@ func TestSlowTenantStallsNoOther(t *testing.T) {
 		name, _, _ := dial(other, "127.0.0.1:6000")
 		return name == "b2"
 	})
+	// A dead endpoint of the other namespace revives on its probe's
+	// schedule.
+	addr2 := b2.addr.String()
+	b2.stop()
+	eventually(t, "the other namespace's endpoint marked dead", func() bool {
+		_, _, err := dial(other, "127.0.0.1:6000")
+		return err != nil && len(f.p.k.mustDead(t)) > 0
+	})
+	startBackend(t, other, "b2", addr2)
+	eventually(t, "the other namespace's endpoint revived", func() bool {
+		name, _, _ := dial(other, "127.0.0.1:6000")
+		return name == "b2"
+	})
 	if n := slow.pending(); n != maxPortsPerNamespace {
 		t.Errorf("%d of the tenant's slow lookups pending at the end; want all %d, or the test proves nothing", n, maxPortsPerNamespace)
 	}
@@ -341,4 +354,13 @@ func TestScheduleNext(t *testing.T) {
 			t.Errorf("step %d (%+v): next decision in %v; want %v", i, st.o, got, st.want)
 		}
 	}
+}
+
+func (k *Kernel) mustDead(t *testing.T) []netip.AddrPort {
+	t.Helper()
+	dead, err := k.deadEndpoints()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dead
 }
