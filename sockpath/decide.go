@@ -214,7 +214,9 @@ func (p *Path) look(ctx context.Context, sp *space, ns string, ans resolver.Answ
 	var wg sync.WaitGroup
 	for ap := range want {
 		if known[ap] {
+			mu.Lock()
 			view.reach[ap] = nil
+			mu.Unlock()
 			continue
 		}
 		select {

@@ -244,6 +244,7 @@ func (p *Path) Apply(ctx context.Context, key, ns string, routes map[uint16]stri
 	if !sp.gone {
 		p.placeholders(sp)
 		if sp.done == nil {
+			changed = false // a new worker decides everything first
 			var ctx context.Context
 			ctx, sp.cancel = context.WithCancel(p.ctx)
 			sp.done = make(chan struct{})
