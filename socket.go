@@ -93,7 +93,9 @@ func (e enginePorts) Direct(ctx context.Context, ep netip.AddrPort) ([]sockpath.
 	ds, _, err := e.t.Cached(ctx, ep)
 	out := make([]sockpath.Direct, 0, len(ds))
 	for _, d := range ds {
-		out = append(out, sockpath.Direct{Addr: d.Addr, Subnet: d.Subnet})
+		// Not known to allow container-to-container traffic: the
+		// published endpoint itself is used.
+		out = append(out, sockpath.Direct{Addr: d.Addr, Subnet: d.Subnet, Isolated: !d.ICC})
 	}
 	return out, err
 }

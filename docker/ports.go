@@ -52,6 +52,35 @@ type Direct struct {
 	Addr      netip.AddrPort // container IP : private port
 	Subnet    netip.Prefix   // the subnet of the network Addr is on (a single-address prefix if the engine gave no length)
 	Container string         // short ID, for logs
+	Network   string         // the ID of the network Addr is on, "" if the engine gave none
+	// ICC is true when the engine says containers on Network may connect
+	// to each other: a bridge without com.docker.network.bridge.enable_icc
+	// set to false, or an overlay. It is false when that is not known, so
+	// that a user sends a client there only when it is known to work. An
+	// internal network (no way out) still lets its containers talk.
+	ICC bool
+}
+
+// networkLister lists the engine's networks; the engine client does, and
+// test fakes may not.
+type networkLister interface {
+	ListNetworks() ([]dockerapi.Network, error)
+}
+
+// iccOption is the bridge driver's option that, set to "false", drops
+// traffic between containers of the network (docker network create -o,
+// or the engine's --icc=false for the default bridge).
+const iccOption = "com.docker.network.bridge.enable_icc"
+
+// allowsICC reports whether containers on n may connect to each other.
+func allowsICC(n dockerapi.Network) bool {
+	switch n.Driver {
+	case "bridge":
+		return n.Options[iccOption] != "false"
+	case "overlay":
+		return true
+	}
+	return false
 }
 
 // portListing is one listing of the published ports, immutable once built.
@@ -288,7 +317,48 @@ func (p *PortTable) list(ctx context.Context, gen uint64) (*portListing, error) 
 	}
 	hosts = slices.Clone(hosts)
 	slices.SortFunc(hosts, netip.Addr.Compare)
-	return &portListing{gen: gen, at: at, entries: portEntries(cs), hosts: slices.Compact(hosts)}, nil
+	entries := portEntries(cs)
+	p.markICC(lctx, entries)
+	return &portListing{gen: gen, at: at, entries: entries, hosts: slices.Compact(hosts)}, nil
+}
+
+// markICC sets ICC on the entries whose network is known to allow traffic
+// between its containers. A failure leaves them false: a user then does
+// not send a client to a container directly.
+func (p *PortTable) markICC(ctx context.Context, entries []portEntry) {
+	nl, ok := p.eng.(networkLister)
+	if !ok || !slices.ContainsFunc(entries, func(e portEntry) bool { return e.direct.Network != "" }) {
+		return
+	}
+	type result struct {
+		nets []dockerapi.Network
+		err  error
+	}
+	// The client's ListNetworks takes no context: the call runs apart, and
+	// the listing waits for it no longer than for the containers' (the
+	// call ends when the engine answers or drops the connection).
+	done := make(chan result, 1)
+	go func() {
+		nets, err := nl.ListNetworks()
+		done <- result{nets, err}
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-ctx.Done():
+		r.err = context.Cause(ctx)
+	}
+	if r.err != nil {
+		p.log.Warn("listing networks: published ports are not reached at their containers meanwhile", "err", r.err)
+		return
+	}
+	icc := map[string]bool{}
+	for _, n := range r.nets {
+		icc[n.ID] = allowsICC(n)
+	}
+	for i := range entries {
+		entries[i].direct.ICC = icc[entries[i].direct.Network]
+	}
 }
 
 // portEntries returns the TCP bindings of published ports in cs, one per
@@ -329,7 +399,7 @@ func validPort(p int64) bool { return p > 0 && p <= 65535 }
 // zero Direct naming c if it has none.
 func containerAddrs(c dockerapi.APIContainers) []Direct {
 	var out []Direct
-	add := func(addr string, bits int) {
+	add := func(addr string, bits int, network string) {
 		ip, err := netip.ParseAddr(addr)
 		if err != nil || ip.IsUnspecified() {
 			return
@@ -338,11 +408,11 @@ func containerAddrs(c dockerapi.APIContainers) []Direct {
 		if bits <= 0 || bits > ip.BitLen() {
 			bits = ip.BitLen() // no subnet known: claim no neighbours
 		}
-		out = append(out, Direct{Addr: netip.AddrPortFrom(ip, 0), Subnet: netip.PrefixFrom(ip, bits).Masked(), Container: short(c.ID)})
+		out = append(out, Direct{Addr: netip.AddrPortFrom(ip, 0), Subnet: netip.PrefixFrom(ip, bits).Masked(), Container: short(c.ID), Network: network})
 	}
 	for _, n := range c.Networks.Networks {
-		add(n.IPAddress, n.IPPrefixLen)
-		add(n.GlobalIPv6Address, n.GlobalIPv6PrefixLen)
+		add(n.IPAddress, n.IPPrefixLen, n.NetworkID)
+		add(n.GlobalIPv6Address, n.GlobalIPv6PrefixLen, n.NetworkID)
 	}
 	if len(out) == 0 {
 		return []Direct{{Container: short(c.ID)}}
@@ -352,7 +422,7 @@ func containerAddrs(c dockerapi.APIContainers) []Direct {
 
 func compareDirect(a, b Direct) int {
 	return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Subnet.Bits(), b.Subnet.Bits()),
-		a.Subnet.Addr().Compare(b.Subnet.Addr()), cmp.Compare(a.Container, b.Container))
+		a.Subnet.Addr().Compare(b.Subnet.Addr()), cmp.Compare(a.Container, b.Container), cmp.Compare(a.Network, b.Network))
 }
 
 // same reports whether l and m would answer every Lookup alike.

@@ -494,7 +494,8 @@ func TestPortTableRealEngine(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	ds, ok, err := p.Lookup(ctx, ep)
-	want := []Direct{{Addr: netip.AddrPortFrom(ip, 8080), Subnet: netip.MustParsePrefix(subnet), Container: short(id)}}
+	netID := docker(t, "network", "inspect", "-f", "{{.Id}}", network)
+	want := []Direct{{Addr: netip.AddrPortFrom(ip, 8080), Subnet: netip.MustParsePrefix(subnet), Container: short(id), Network: netID, ICC: true}}
 	if err != nil || !ok || !slices.Equal(ds, want) {
 		t.Fatalf("Lookup(%s) = %v, %v, %v; want %v", ep, ds, ok, err, want)
 	}
@@ -543,5 +544,60 @@ func TestPortTableCached(t *testing.T) {
 	}
 	if got := cached(); got != "not published" {
 		t.Errorf("Cached after Refresh = %s; want not published", got)
+	}
+}
+
+// netEngine is a fakeEngine that also lists networks.
+type netEngine struct {
+	*fakeEngine
+	nets []dockerapi.Network
+	err  error
+}
+
+func (n *netEngine) ListNetworks() ([]dockerapi.Network, error) { return n.nets, n.err }
+
+// A published port's direct address says whether its network lets
+// containers reach each other: a bridge does unless enable_icc is false;
+// an unknown driver, an unknown network or a failed listing says no.
+func TestPortTableICC(t *testing.T) {
+	f := newFakeEngine()
+	ids := map[string]string{}
+	for i, name := range []string{"open", "closed", "macvlan", "gone"} {
+		id := f.add(name, "", nil)
+		ids[name] = id
+		f.publish(t, id, map[string][]string{name: {fmt.Sprintf("198.18.215.%d/24", i+2)}}, fmt.Sprintf("0.0.0.0:%d->80/tcp", 32768+i))
+		n := f.world[id].NetworkSettings.Networks[name]
+		n.NetworkID = "net-" + name
+		f.world[id].NetworkSettings.Networks[name] = n
+	}
+	ne := &netEngine{fakeEngine: f, nets: []dockerapi.Network{
+		{ID: "net-open", Driver: "bridge"},
+		{ID: "net-closed", Driver: "bridge", Options: map[string]string{iccOption: "false"}},
+		{ID: "net-macvlan", Driver: "macvlan"},
+	}}
+	logger, _ := newLogger(t)
+	p := newPortTable(ne, logger)
+	hosts := &hostAddrs{}
+	hosts.set("192.0.2.10")
+	p.hostAddrs = hosts.get
+	ctx := context.Background()
+	for i, tc := range []struct {
+		name string
+		icc  bool
+	}{{"open", true}, {"closed", false}, {"macvlan", false}, {"gone", false}} {
+		ds, ok, err := p.Lookup(ctx, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), uint16(32768+i)))
+		if err != nil || !ok || len(ds) != 1 {
+			t.Fatalf("%s: Lookup = %v, %v, %v", tc.name, ds, ok, err)
+		}
+		if ds[0].Network != "net-"+tc.name || ds[0].ICC != tc.icc {
+			t.Errorf("%s: %+v; want network net-%s, ICC %v", tc.name, ds[0], tc.name, tc.icc)
+		}
+	}
+
+	ne.err = errors.New("engine says no")
+	p.Invalidate()
+	ds, _, err := p.Lookup(ctx, netip.MustParseAddrPort("192.0.2.10:32768"))
+	if err != nil || len(ds) != 1 || ds[0].ICC {
+		t.Errorf("with the network listing failing: %+v, %v; want ICC false", ds, err)
 	}
 }

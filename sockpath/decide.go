@@ -1,7 +1,7 @@
 package sockpath
 
 import (
-	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -24,126 +25,216 @@ type decision struct {
 	cands      []candidate // nil: by the relay
 	reason     string
 	unresolved bool
-	expires    time.Time // of the answer decided on
-	answer     string    // its signature
 }
 
-// converge computes sp's decisions and installs them. Called with sp.mu.
-func (p *Path) converge(ctx context.Context, sp *space) error {
-	ds, err := p.decide(ctx, sp)
-	if err != nil {
-		return err
+// outcome is what deciding one service of a namespace came to, for its
+// worker to schedule the next decision.
+type outcome struct {
+	service    string
+	socket     bool // some port of it is on the socket path
+	unresolved bool
+	reason     string    // of the IPv4 decision: a change restarts the back-off
+	expires    time.Time // of the answer decided on
+	stale      bool      // the namespace changed meanwhile: decide again
+}
+
+// decideService resolves one service of sp, decides for each of its ports
+// and families whether the socket path serves it and from which endpoints,
+// and installs that at once: a slow name delays only its own ports.
+func (p *Path) decideService(ctx context.Context, sp *space, name string) outcome {
+	sp.mu.Lock()
+	ns, cookie := sp.netns, sp.cookie
+	sp.mu.Unlock()
+	o := outcome{service: name}
+	lctx, cancel := context.WithTimeout(ctx, p.cfg.LookupTimeout)
+	ans, err := p.cfg.Resolver.Answer(lctx, name)
+	cancel()
+	if ctx.Err() != nil {
+		return o
+	}
+	var ds [2]decision
+	var reached map[netip.AddrPort]bool
+	switch n := countEndpoints(ans); {
+	case err != nil:
+		d := decision{service: name, reason: fmt.Sprintf("resolving %s: %v", name, err), unresolved: true}
+		ds = [2]decision{d, d}
+	case n > maxAnswerEndpoints:
+		d := decision{service: name, reason: fmt.Sprintf("%s has %d endpoints; the socket path takes at most %d", name, n, maxAnswerEndpoints)}
+		ds = [2]decision{d, d}
+	default:
+		o.expires = ans.Expires
+		direct := p.directs(ctx, ans)
+		p.mu.Lock()
+		known := maps.Clone(sp.reached[name])
+		p.mu.Unlock()
+		var view *nsView
+		view, err = p.look(ctx, sp, ns, ans, direct, known)
+		for i, v6 := range []bool{false, true} {
+			ds[i] = decision{service: name}
+			if err != nil {
+				ds[i].reason = err.Error()
+			} else {
+				ds[i].cands, ds[i].reason = p.candidates(ans, direct, view, v6)
+			}
+		}
+		if view != nil {
+			reached = view.reached()
+		}
+	}
+	o.reason, o.unresolved = ds[0].reason, ds[0].unresolved
+
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.netns != ns || sp.cookie != cookie {
+		o.stale = true
+		return o
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if sp.gone {
-		return nil
+		return o
 	}
-	changed := p.install(sp, ds)
-	relayed, unresolved := false, false
-	for _, st := range sp.ports {
-		relayed = relayed || st.table == nil
-		unresolved = unresolved || st.unresolved
+	out := map[routeKey]decision{}
+	for i, port := range slices.Sorted(maps.Keys(sp.routes)) {
+		if i >= maxPortsPerNamespace {
+			break
+		}
+		if sp.routes[port] == name {
+			out[newRouteKey(cookie, port, false)] = ds[0]
+			out[newRouteKey(cookie, port, true)] = ds[1]
+		}
 	}
-	now := time.Now()
-	switch {
-	case !relayed:
-		sp.recheck, sp.recheckEvery = time.Time{}, 0
-	case unresolved && (changed || sp.recheckEvery == 0):
-		// A service that does not resolve yet is usually one about to
-		// register: ask soon, then back off, so that labels naming
-		// nothing cost the DNS server little.
-		sp.recheckEvery = time.Second
-		sp.recheck = now.Add(sp.recheckEvery)
-	case changed || sp.recheckEvery == 0:
-		sp.recheckEvery = recheckMin
-		sp.recheck = now.Add(sp.recheckEvery)
-	case !now.Before(sp.recheck):
-		sp.recheckEvery = min(2*sp.recheckEvery, recheckMax)
-		sp.recheck = now.Add(sp.recheckEvery)
-	default:
-		// Decided early (an engine event, a new answer): the back-off
-		// keeps its schedule.
+	if len(out) == 0 {
+		return o // no longer labelled
 	}
-	return nil
+	if reached != nil {
+		sp.reached[name] = reached
+	}
+	p.install(sp, out)
+	for rk := range out {
+		if st := sp.ports[rk]; st != nil && st.table != nil {
+			o.socket = true
+		}
+	}
+	return o
 }
 
-// nsView is what the namespace itself says: its addresses, and which
-// endpoints it has a route to.
+func countEndpoints(ans resolver.Answer) int {
+	n := 0
+	for _, g := range ans.Groups {
+		for _, t := range g.Targets {
+			n += len(t.Endpoints)
+		}
+	}
+	return n
+}
+
+// directs returns, for each endpoint of ans that is a port this engine
+// publishes, the containers' own addresses.
+func (p *Path) directs(ctx context.Context, ans resolver.Answer) map[netip.AddrPort][]Direct {
+	out := map[netip.AddrPort][]Direct{}
+	if p.cfg.Ports == nil {
+		return out
+	}
+	for _, g := range ans.Groups {
+		for _, t := range g.Targets {
+			for _, ep := range t.Endpoints {
+				ds, err := p.cfg.Ports.Direct(ctx, ep)
+				if err != nil {
+					p.log.Warn("reading the engine's published ports", "err", err)
+					continue
+				}
+				out[ep] = ds
+			}
+		}
+	}
+	return out
+}
+
+// nsView is what the namespace itself says: its addresses, which
+// endpoints it has a route to, and which it connected to.
 type nsView struct {
 	prefixes []netip.Prefix
 	routable map[netip.Addr]bool
+	// reach is, for each endpoint checked, nil if a TCP connect from the
+	// namespace completed; nil map: not checked yet.
+	reach map[netip.AddrPort]error
 }
 
-// decide resolves sp's services and decides, for each port and family,
-// whether the socket path serves it and from which endpoints.
-func (p *Path) decide(ctx context.Context, sp *space) (map[routeKey]decision, error) {
-	type resolved struct {
-		ans    resolver.Answer
-		err    error
-		direct map[netip.AddrPort][]Direct
+// reached returns the endpoints the namespace connected to.
+func (v *nsView) reached() map[netip.AddrPort]bool {
+	out := map[netip.AddrPort]bool{}
+	for ap, err := range v.reach {
+		if err == nil {
+			out[ap] = true
+		}
 	}
-	answers := map[string]*resolved{}
+	return out
+}
+
+// look enters the namespace ns and reads its addresses and its routes to
+// the endpoints of ans and their direct addresses; then it checks, with a
+// TCP connect from the namespace, each endpoint the socket path would
+// write and known does not vouch for. A route is not reachability: every
+// bridge container has a default route, and Docker drops what crosses from
+// one bridge network to another.
+func (p *Path) look(ctx context.Context, sp *space, ns string, ans resolver.Answer, direct map[netip.AddrPort][]Direct, known map[netip.AddrPort]bool) (*nsView, error) {
 	var addrs []netip.Addr
-	for i, port := range slices.Sorted(maps.Keys(sp.routes)) {
-		svc := sp.routes[port]
-		if answers[svc] != nil {
-			continue
-		}
-		if i >= maxPortsPerNamespace {
-			answers[svc] = &resolved{err: errors.New("not resolved")}
-			continue
-		}
-		r := &resolved{direct: map[netip.AddrPort][]Direct{}}
-		answers[svc] = r
-		r.ans, r.err = p.cfg.Resolver.Answer(ctx, svc)
-		if r.err != nil {
-			continue
-		}
-		for _, g := range r.ans.Groups {
-			for _, t := range g.Targets {
-				for _, ep := range t.Endpoints {
-					addrs = append(addrs, ep.Addr())
-					if p.cfg.Ports == nil {
-						continue
-					}
-					ds, err := p.cfg.Ports.Direct(ctx, ep)
-					if err != nil {
-						p.log.Warn("reading the engine's published ports", "err", err)
-						continue
-					}
-					r.direct[ep] = ds
-					for _, d := range ds {
-						addrs = append(addrs, d.Addr.Addr())
-					}
+	for _, g := range ans.Groups {
+		for _, t := range g.Targets {
+			for _, ep := range t.Endpoints {
+				addrs = append(addrs, ep.Addr())
+				for _, d := range direct[ep] {
+					addrs = append(addrs, d.Addr.Addr())
 				}
 			}
 		}
 	}
-	view, err := look(sp.netns, addrs)
+	// The namespace's slots bound its threads in namespaces too.
+	select {
+	case sp.checks <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	view, err := look(ns, addrs)
+	<-sp.checks
 	if err != nil {
 		return nil, err
 	}
-	out := map[routeKey]decision{}
-	for i, port := range slices.Sorted(maps.Keys(sp.routes)) {
-		svc := sp.routes[port]
-		r := answers[svc]
-		for _, v6 := range []bool{false, true} {
-			d := decision{service: svc, expires: r.ans.Expires, answer: answerSignature(r.ans)}
-			if i >= maxPortsPerNamespace {
-				d.reason = fmt.Sprintf("the namespace has more than %d labelled ports; the socket path serves the lowest %d", maxPortsPerNamespace, maxPortsPerNamespace)
-				out[newRouteKey(sp.cookie, port, v6)] = d
-				continue
-			}
-			if r.err != nil {
-				d.reason, d.unresolved = fmt.Sprintf("resolving %s: %v", svc, r.err), true
-			} else {
-				d.cands, d.reason = p.candidates(r.ans, r.direct, view, v6)
-			}
-			out[newRouteKey(sp.cookie, port, v6)] = d
+	// What would be written if every endpoint were reachable.
+	want := map[netip.AddrPort]bool{}
+	for _, v6 := range []bool{false, true} {
+		cands, _ := p.candidates(ans, direct, view, v6)
+		for _, c := range cands {
+			want[c.addr] = true
 		}
 	}
-	return out, nil
+	view.reach = map[netip.AddrPort]error{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for ap := range want {
+		if known[ap] {
+			mu.Lock()
+			view.reach[ap] = nil
+			mu.Unlock()
+			continue
+		}
+		select {
+		case sp.checks <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return nil, ctx.Err()
+		}
+		wg.Go(func() {
+			defer func() { <-sp.checks }()
+			err := connectFrom(ctx, ns, ap, p.cfg.ProbeTimeout)
+			mu.Lock()
+			view.reach[ap] = err
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return view, nil
 }
 
 // candidates returns the endpoints a connect of the family v6 may be sent
@@ -164,7 +255,9 @@ func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direc
 				}
 				addr := ep
 				for _, d := range direct[ep] {
-					if view.onSubnet(d.Subnet) && p.allowed(d.Addr.Addr()) {
+					// Only a client on the container's own network, where
+					// containers may talk to each other, reaches it there.
+					if !d.Isolated && view.onSubnet(d.Subnet) && p.allowed(d.Addr.Addr()) {
 						addr = d.Addr
 						translated = append(translated, fmt.Sprintf("%s as %s", ep, addr))
 						break
@@ -176,8 +269,17 @@ func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direc
 					return nil, fmt.Sprintf("endpoint %s is on the host's loopback, which the namespace cannot reach", addr)
 				case !v6 && a.Is6():
 					return nil, fmt.Sprintf("endpoint %s is IPv6 and the connect IPv4", addr)
+				case v6 && a.Is4():
+					// An IPV6_V6ONLY socket cannot be sent to a v4-mapped
+					// address: the relay serves [::1] for IPv4 endpoints.
+					return nil, fmt.Sprintf("endpoint %s is IPv4 and the connect IPv6", addr)
 				case !view.routable[a]:
 					return nil, fmt.Sprintf("the namespace has no route to endpoint %s", addr)
+				}
+				if view.reach != nil {
+					if err, checked := view.reach[netip.AddrPortFrom(a, addr.Port())]; !checked || err != nil {
+						return nil, fmt.Sprintf("the namespace cannot connect to endpoint %s: %v", addr, cmp.Or(err, errors.New("not checked")))
+					}
 				}
 				inGroup++
 				cands = append(cands, candidate{addr: netip.AddrPortFrom(a, addr.Port()), origin: ep, priority: g.Priority, target: target, weight: t.Weight})
@@ -190,7 +292,7 @@ func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direc
 	if len(cands) == 0 {
 		return nil, fmt.Sprintf("the target policy refuses all %d endpoints", refused)
 	}
-	why := "every endpoint is reachable from the namespace"
+	why := "the namespace connects to every endpoint"
 	if len(translated) > 0 {
 		why += "; published ports reached at their containers: " + strings.Join(translated, ", ")
 	}
@@ -243,47 +345,11 @@ func look(ns string, addrs []netip.Addr) (*nsView, error) {
 }
 
 func routable(a netip.Addr) bool {
-	family := unix.AF_INET
-	var sa unix.Sockaddr = &unix.SockaddrInet4{Port: 9, Addr: a.As4()}
-	if a.Is6() {
-		family = unix.AF_INET6
-		sa = &unix.SockaddrInet6{Port: 9, Addr: a.As16()}
-	}
+	family, sa := sockaddr(netip.AddrPortFrom(a, 9))
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return false
 	}
 	defer unix.Close(fd)
 	return unix.Connect(fd, sa) == nil
-}
-
-// noteAnswer records when a service's answer expires and whether it
-// changed.
-func (p *Path) noteAnswer(name string, ans resolver.Answer) (changed bool) {
-	sig := answerSignature(ans)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	s := p.services[name]
-	if s == nil {
-		return false // no longer served
-	}
-	s.expires = ans.Expires
-	changed = s.answer != sig
-	s.answer = sig
-	return changed
-}
-
-func answerSignature(ans resolver.Answer) string {
-	var b bytes.Buffer
-	for _, g := range ans.Groups {
-		fmt.Fprintf(&b, "p%d", g.Priority)
-		for _, t := range g.Targets {
-			fmt.Fprintf(&b, " w%d", t.Weight)
-			for _, ep := range t.Endpoints {
-				fmt.Fprintf(&b, ",%s", ep)
-			}
-		}
-		b.WriteByte(';')
-	}
-	return b.String()
 }

@@ -38,12 +38,29 @@
 //   - kernel.go: Kernel loads the programs, adopting the maps and links that
 //     a previous run pinned (so connects keep being served while no daemon
 //     runs), and detaches and unpins everything on Remove.
-//   - path.go: Path, a reconcile.Path. For each namespace and labelled port
-//     it resolves the service, applies the operator's target policy,
-//     translates ports published by this engine to their containers'
-//     addresses, and writes a table only if the namespace has a route to
-//     every endpoint; otherwise the relay serves the port, and the log and
-//     Status say why. It refreshes tables when answers expire.
+//   - path.go: Path, a reconcile.Path. Apply records a namespace's routes
+//     and returns at once: a port no longer labelled leaves the kernel
+//     there and then, and the others are the relay's until decided, so the
+//     relay beneath (the reconciler's next Path) waits for no lookup.
+//   - refresh.go: each namespace has a worker of its own that decides each
+//     of its services in a goroutine of its own, at first, when woken (a
+//     new Apply, the engine's published ports changing), when the answer
+//     expires (on the socket path) or on a back-off (on the relay), so that
+//     one tenant's slow names delay neither its other ports nor another
+//     tenant's decisions and refreshes.
+//   - decide.go: deciding a service for a namespace: resolve it within a
+//     deadline (5s; an answer of more than 64 endpoints stays on the
+//     relay), apply the operator's target policy, translate a port
+//     published by this engine to its container's address only for a
+//     client on that container's network where containers may reach each
+//     other (not a bridge with enable_icc=false), keep each family's table
+//     to that family's endpoints (an IPv6 socket cannot be sent to a
+//     v4-mapped one), and write the table only if the namespace has a route
+//     to every endpoint and a TCP connect from the namespace to each
+//     completes (reach.go): a route is not reachability, since Docker
+//     drops what crosses between bridge networks. The verdicts are kept
+//     per namespace and service, and checked again after unverify.
+//     Otherwise the relay serves the port, and the log and Status say why.
 //   - health.go, with package health: a namespace's evidence makes the
 //     daemon probe the endpoint from its own network namespace (the
 //     evidence the relay's dials give, which no tenant can influence);

@@ -83,10 +83,15 @@ func counterOf(t *testing.T, p *Path, ep netip.AddrPort) ServiceCounter {
 // every choice and the daemon is not even told.
 func TestLocalAbortsAreNoEvidence(t *testing.T) {
 	f := newFixture(t)
-	hole := blackholeIn(t, f.ns, "198.18.201.3")
+	hole, fill := blackholeIn(t, f.ns, "198.18.201.3")
 	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
 	f.res.set("h", group(1, []netip.AddrPort{hole, b1.addr}))
 	f.apply(map[uint16]string{6000: "h"})
+	// Reached once by the namespace's check, then silent.
+	if eps := f.serving(6000, "ipv4").Endpoints; len(eps) != 2 {
+		t.Fatalf("socket path endpoints %v; want both", eps)
+	}
+	fill()
 
 	for _, how := range []string{"close", "linger0", "unspec"} {
 		for range 100 {
@@ -122,9 +127,13 @@ func TestRemoteFailuresAreEvidence(t *testing.T) {
 	f := newFixture(t)
 	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
 	closed := b1.addr
-	b1.stop()
 	f.res.set("c", group(1, []netip.AddrPort{closed}))
 	f.apply(map[uint16]string{6000: "c"})
+	// Reached once by the namespace's check, then gone.
+	if eps := f.serving(6000, "ipv4").Endpoints; len(eps) != 1 {
+		t.Fatalf("socket path endpoints %v; want %s", eps, closed)
+	}
+	b1.stop()
 	if _, _, err := dial(f.ns, "127.0.0.1:6000"); err == nil {
 		t.Fatal("a connect to a closed port succeeded")
 	}
@@ -133,9 +142,13 @@ func TestRemoteFailuresAreEvidence(t *testing.T) {
 		return stats(t, f.p).Evidence == 1 && len(dead) == 1 && dead[0] == closed
 	})
 
-	hole := blackholeIn(t, f.ns, "198.18.201.3")
+	hole, fill := blackholeIn(t, f.ns, "198.18.201.3")
 	f.res.set("h", group(1, []netip.AddrPort{hole}))
 	f.apply(map[uint16]string{6000: "c", 6001: "h"})
+	if eps := f.serving(6001, "ipv4").Endpoints; len(eps) != 1 {
+		t.Fatalf("socket path endpoints of 6001 %v; want %s", eps, hole)
+	}
+	fill()
 	start := time.Now()
 	if !connectPending(t, f.ns, 6001) {
 		eventually(t, "a SYN unanswered past its timeout is evidence", func() bool {

@@ -85,6 +85,11 @@ func (p *Path) failed(ev kernEvent) {
 		p.log.Debug("a namespace's report dropped: it holds too many", "endpoint", ap, "netns_cookie", ev.Cookie)
 		return
 	}
+	// The namespace's own reach verdict is checked again at its next
+	// decision: what it could connect to once it may no longer reach.
+	p.mu.Lock()
+	p.unverify(ev.Cookie, ap)
+	p.mu.Unlock()
 	p.log.Info("endpoint failed a namespace's connect; probing it", "endpoint", ap, "netns_cookie", ev.Cookie, "why", "a connect to it "+how)
 }
 

@@ -9,7 +9,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// install makes the kernel serve sp as ds says. Called with p.mu.
+// install makes the kernel serve the ports of sp that ds names as it
+// says; the other ports keep what they have. Called with p.mu.
 func (p *Path) install(sp *space, ds map[routeKey]decision) bool {
 	changed := map[uint16]bool{}
 	for rk, d := range ds {
@@ -18,7 +19,6 @@ func (p *Path) install(sp *space, ds map[routeKey]decision) bool {
 		if d.cands != nil {
 			t, err := p.acquire(d.service, d.cands)
 			if err == nil {
-				t.svc.expires, t.svc.answer = d.expires, d.answer
 				if err = p.k.setRoute(rk, t.id); err != nil {
 					p.release(t)
 				}
@@ -42,11 +42,10 @@ func (p *Path) install(sp *space, ds map[routeKey]decision) bool {
 		// A failing lookup's message changes from one try to the next
 		// (a source port, a server): still failing is no change.
 		stillUnresolved := old != nil && old.unresolved && st.unresolved
-		if old == nil || (old.table == nil) != (st.table == nil) || (old.reason != st.reason && !stillUnresolved) {
+		if old == nil || old.pending || (old.table == nil) != (st.table == nil) || (old.reason != st.reason && !stillUnresolved) {
 			changed[rk.Port] = true
 		}
 	}
-	p.dropPorts(sp, ds)
 	for _, port := range slices.Sorted(maps.Keys(changed)) {
 		p.logDecision(sp, port)
 	}
@@ -66,7 +65,7 @@ func (p *Path) logDecision(sp *space, port uint16) {
 			}
 		}
 	}
-	if v4 == nil || v6 == nil {
+	if v4 == nil || v6 == nil || v4.pending || v6.pending {
 		return
 	}
 	attrs := []any{"key", short(sp.key), "port", port, "service", v4.service}
@@ -103,17 +102,21 @@ func short(id string) string {
 // p.mu.
 func (p *Path) dropPorts(sp *space, keep map[routeKey]decision) {
 	for rk, st := range sp.ports {
-		if _, ok := keep[rk]; ok {
-			continue
+		if _, ok := keep[rk]; !ok {
+			p.dropPort(sp, rk, st)
 		}
-		if err := p.k.deleteRoute(rk); err != nil {
-			p.log.Warn("deleting a route", "key", sp.key, "port", rk.Port, "err", err)
-		}
-		if st.table != nil {
-			p.release(st.table)
-		}
-		delete(sp.ports, rk)
 	}
+}
+
+// dropPort removes the port rk of sp, served as st. Called with p.mu.
+func (p *Path) dropPort(sp *space, rk routeKey, st *portState) {
+	if err := p.k.deleteRoute(rk); err != nil {
+		p.log.Warn("deleting a route", "key", sp.key, "port", rk.Port, "err", err)
+	}
+	if st.table != nil {
+		p.release(st.table)
+	}
+	delete(sp.ports, rk)
 }
 
 // acquire returns the table for the candidates, writing it if it is new.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -25,10 +26,14 @@ type Resolver interface {
 }
 
 // Direct is a same-host instance's own address, and the subnet of the
-// network on which it has that address.
+// network on which it has that address. A client on that subnet is sent
+// there, past the engine's NAT, unless Isolated.
 type Direct struct {
 	Addr   netip.AddrPort
 	Subnet netip.Prefix
+	// Isolated is true when containers on the network may not reach each
+	// other (a bridge with enable_icc=false), or when that is not known.
+	Isolated bool
 }
 
 // Ports tells which endpoints are ports published by this host's engine,
@@ -53,11 +58,14 @@ type Config struct {
 	// Allowed optionally applies the operator's target policy: an endpoint
 	// it refuses is never written.
 	Allowed func(netip.Addr) error
-	// ProbeTimeout optionally bounds one probe of a dead endpoint; if 0, 1s.
+	// ProbeTimeout optionally bounds one probe of a dead endpoint, and one
+	// check that a namespace can connect to an endpoint; if 0, 1s.
 	ProbeTimeout time.Duration
 	// ProbeNetNS optionally names the namespace probes dial from; if "",
 	// the daemon's own, as the relay's dials do (tests set it).
 	ProbeNetNS string
+	// LookupTimeout optionally bounds one lookup of a service; if 0, 5s.
+	LookupTimeout time.Duration
 	// RetryMin and RetryMax optionally bound the back-off between probes
 	// of a dead endpoint; if 0, 1s and 30s (the relay's).
 	RetryMin, RetryMax time.Duration
@@ -93,9 +101,11 @@ type Path struct {
 	leftTables map[uint32]bool
 }
 
-// space is one namespace's state.
+// space is one namespace's state. Its decisions are made by a worker of
+// its own (work, in refresh.go), so that one tenant's slow names delay no
+// other tenant.
 type space struct {
-	mu      sync.Mutex // serialises Apply, Remove and refreshes of the key
+	mu      sync.Mutex // serialises Apply, Remove and the installs of the key's decisions
 	key     string
 	netns   string
 	release func()
@@ -103,10 +113,14 @@ type space struct {
 	routes  map[uint16]string
 	ports   map[routeKey]*portState // guarded by Path.mu
 	gone    bool                    // removed; guarded by Path.mu
-	// While a port is on the relay, the namespace is decided again at
-	// recheck: a service may come to resolve, a route may appear.
-	recheck      time.Time
-	recheckEvery time.Duration
+	// reached holds, per service, the endpoints a TCP connect from the
+	// namespace completed to, so that a decision checks each endpoint once;
+	// guarded by Path.mu.
+	reached map[string]map[netip.AddrPort]bool
+	kick    chan struct{} // capacity 1: decide every service again
+	checks  chan struct{} // bounds the namespace's reach checks in flight
+	cancel  context.CancelFunc
+	done    chan struct{} // closed when the worker has stopped; nil before it starts
 }
 
 // Bounds of the work one namespace can cause.
@@ -115,12 +129,21 @@ const (
 	// socket path serves; the rest stay on the relay, so that one tenant
 	// cannot fill the kernel's routes map for all.
 	maxPortsPerNamespace = 256
-	recheckMin           = 5 * time.Second // for reasons other than resolution
-	recheckMax           = time.Minute
-	// parallelism bounds the lookups and namespace decisions a refresh
-	// runs at once, so that one slow DNS name does not hold up the rest.
-	parallelism = 8
+	// maxAnswerEndpoints is how many endpoints of one answer the socket
+	// path checks and writes; a service with more stays on the relay.
+	maxAnswerEndpoints = 64
+	// reachParallelism bounds one namespace's reach checks in flight.
+	reachParallelism = 8
+	recheckMin       = 5 * time.Second // for reasons other than resolution
+	recheckMax       = time.Minute
+	// refreshMin is the least time between two decisions of a service on
+	// the socket path, whatever its answer's TTL.
+	refreshMin = time.Second
 )
+
+// whyDeciding is the reason Status gives for a port not decided yet: the
+// relay serves it meanwhile.
+const whyDeciding = "deciding: the relay serves until the service resolves and the namespace is found to reach its endpoints"
 
 // portState is how one port of one family is served.
 type portState struct {
@@ -128,6 +151,7 @@ type portState struct {
 	table      *table // nil: by the relay
 	reason     string
 	unresolved bool // on the relay because the service did not resolve
+	pending    bool // on the relay until its first decision
 }
 
 // table is one kernel table, shared by the namespaces whose port chooses
@@ -143,11 +167,9 @@ type table struct {
 
 // service is one label value the socket path serves.
 type service struct {
-	name    string
-	id      uint32
-	refs    int       // tables
-	expires time.Time // when its answer should be asked for again
-	answer  string    // the signature of the answer last used
+	name string
+	id   uint32
+	refs int // tables
 }
 
 // New returns a Path serving through k, adopting what a previous run left
@@ -159,6 +181,9 @@ func New(cfg Config) (*Path, error) {
 	}
 	if cfg.ProbeTimeout <= 0 {
 		cfg.ProbeTimeout = time.Second
+	}
+	if cfg.LookupTimeout <= 0 {
+		cfg.LookupTimeout = 5 * time.Second
 	}
 	if cfg.RetryMin <= 0 {
 		cfg.RetryMin = time.Second
@@ -206,26 +231,97 @@ func New(cfg Config) (*Path, error) {
 	return p, nil
 }
 
-// Apply serves the ports of the namespace netns that the socket path can
-// serve, and leaves the others to the relay beneath. It fails only when
-// the namespace cannot be entered.
+// Apply records the routes of the namespace ns and returns: a port no
+// longer labelled, or labelled with another service, leaves the socket path
+// at once, and the namespace's worker decides the others off the set-up,
+// each service on its own, so that the relay beneath (the next Path the
+// reconciler applies) waits for no lookup. Until its decision a port is
+// the relay's. Apply fails only when the namespace cannot be entered.
 func (p *Path) Apply(ctx context.Context, key, ns string, routes map[uint16]string) error {
 	p.mu.Lock()
 	sp := p.spaces[key]
 	if sp == nil {
-		sp = &space{key: key, ports: map[routeKey]*portState{}}
+		sp = &space{key: key, ports: map[routeKey]*portState{}, reached: map[string]map[netip.AddrPort]bool{},
+			kick: make(chan struct{}, 1), checks: make(chan struct{}, reachParallelism)}
 		p.spaces[key] = sp
 	}
 	p.mu.Unlock()
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	changed := sp.netns != ns || !maps.Equal(sp.routes, routes)
 	if sp.netns != ns {
 		if err := p.enter(sp, ns); err != nil {
 			return err
 		}
 	}
-	sp.routes = routes
-	return p.converge(ctx, sp)
+	sp.routes = maps.Clone(routes)
+	p.mu.Lock()
+	if !sp.gone {
+		p.placeholders(sp)
+		if sp.done == nil {
+			changed = false // a new worker decides everything first
+			var ctx context.Context
+			ctx, sp.cancel = context.WithCancel(p.ctx)
+			sp.done = make(chan struct{})
+			p.wg.Add(1)
+			go p.work(ctx, sp)
+		}
+	}
+	p.mu.Unlock()
+	if changed {
+		// The same routes again keep their schedule: a port on the relay
+		// waits for its back-off, not for the next Apply.
+		sp.wake()
+	}
+	return nil
+}
+
+// wake asks sp's worker to decide every service again.
+func (sp *space) wake() {
+	select {
+	case sp.kick <- struct{}{}:
+	default:
+	}
+}
+
+// placeholders brings sp's ports in line with its routes without deciding
+// anything: a port gone or relabelled leaves the kernel, a new one is the
+// relay's until decided, one beyond the bound is the relay's for good.
+// Called with sp.mu and p.mu.
+func (p *Path) placeholders(sp *space) {
+	keep := map[routeKey]decision{}
+	over := map[routeKey]decision{}
+	for i, port := range slices.Sorted(maps.Keys(sp.routes)) {
+		svc := sp.routes[port]
+		for _, v6 := range []bool{false, true} {
+			rk := newRouteKey(sp.cookie, port, v6)
+			keep[rk] = decision{}
+			st := sp.ports[rk]
+			if i >= maxPortsPerNamespace {
+				if st == nil || st.service != svc || st.table != nil {
+					over[rk] = decision{service: svc, reason: fmt.Sprintf("the namespace has more than %d labelled ports; the socket path serves the lowest %d", maxPortsPerNamespace, maxPortsPerNamespace)}
+				}
+				continue
+			}
+			if st != nil && st.service == svc {
+				continue // keeps serving as decided until decided again
+			}
+			if st != nil {
+				p.dropPort(sp, rk, st)
+			}
+			sp.ports[rk] = &portState{service: svc, reason: whyDeciding, pending: true}
+			delete(p.leftRoutes, rk)
+		}
+	}
+	p.dropPorts(sp, keep)
+	if len(over) > 0 {
+		p.install(sp, over)
+	}
+	for svc := range sp.reached {
+		if !slices.Contains(slices.Collect(maps.Values(sp.routes)), svc) {
+			delete(sp.reached, svc)
+		}
+	}
 }
 
 // enter switches sp to the namespace ns: the routes of the previous one
@@ -243,11 +339,14 @@ func (p *Path) enter(sp *space, ns string) error {
 	}
 	p.mu.Lock()
 	p.dropPorts(sp, nil)
+	clear(sp.reached)
+	// Under both locks: the health code reads them with p.mu alone.
+	sp.netns, sp.cookie = ns, cookie
 	p.mu.Unlock()
 	if sp.release != nil {
 		sp.release()
 	}
-	sp.netns, sp.cookie, sp.release = ns, cookie, release
+	sp.release = release
 	return nil
 }
 
@@ -270,7 +369,7 @@ func NetNSCookie(ns string) (uint64, error) {
 	return cookie, nil
 }
 
-// Remove forgets the namespace key.
+// Remove forgets the namespace key, and waits for its worker to stop.
 func (p *Path) Remove(ctx context.Context, key string) error {
 	p.mu.Lock()
 	sp := p.spaces[key]
@@ -279,7 +378,6 @@ func (p *Path) Remove(ctx context.Context, key string) error {
 		return nil
 	}
 	sp.mu.Lock()
-	defer sp.mu.Unlock()
 	p.mu.Lock()
 	p.dropPorts(sp, nil)
 	sp.gone = true
@@ -290,6 +388,14 @@ func (p *Path) Remove(ctx context.Context, key string) error {
 	if sp.release != nil {
 		sp.release()
 		sp.release = nil
+	}
+	cancel, done := sp.cancel, sp.done
+	sp.mu.Unlock()
+	// The worker's decisions in flight take sp.mu to install, and find
+	// the namespace gone.
+	if done != nil {
+		cancel()
+		<-done
 	}
 	return nil
 }

@@ -27,13 +27,25 @@ type fixture struct {
 	res  *fakeResolver
 	p    *Path
 	logs *testenv.SyncBuffer
+	// resolver, if set before start, answers in place of res.
+	resolver Resolver
+	// ports, if set before start, is the Path's Ports.
+	ports Ports
 }
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
+	f := newFixtureStopped(t)
+	f.start()
+	return f
+}
+
+// newFixtureStopped is newFixture without the Path, for a test to
+// configure first.
+func newFixtureStopped(t *testing.T) *fixture {
+	t.Helper()
 	f := &fixture{t: t, dir: bpffs(t), res: newFakeResolver(time.Hour), logs: &testenv.SyncBuffer{}}
 	f.ns = netnsWithAddrs(t, "198.18.201.1/24", "198.18.201.2/24", "198.18.201.3/24", "198.18.201.4/24", "fd00:201::1/64")
-	f.start()
 	return f
 }
 
@@ -43,7 +55,11 @@ func (f *fixture) start() {
 	k := loadKernel(f.t, f.dir)
 	// The backends live in the client's namespace; it stands in for the
 	// daemon's own, from which probes dial.
-	p, err := New(Config{Kernel: k, Resolver: f.res, RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond,
+	var res Resolver = f.res
+	if f.resolver != nil {
+		res = f.resolver
+	}
+	p, err := New(Config{Kernel: k, Resolver: res, Ports: f.ports, RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond,
 		ProbeNetNS: f.ns, Logger: testenv.Logger(f.t, f.logs)})
 	if err != nil {
 		k.Remove()
@@ -62,11 +78,27 @@ func (f *fixture) start() {
 	})
 }
 
+// apply applies routes to the namespace ns1 and waits for every port's
+// first decision: Apply itself decides nothing.
 func (f *fixture) apply(routes map[uint16]string) {
 	f.t.Helper()
 	if err := f.p.Apply(context.Background(), "ns1", f.ns, routes); err != nil {
 		f.t.Fatalf("Apply: %v", err)
 	}
+	f.settle("ns1")
+}
+
+// settle waits until no port of the namespace key waits for its decision.
+func (f *fixture) settle(key string) {
+	f.t.Helper()
+	eventually(f.t, "every port of "+key+" decided", func() bool {
+		for _, s := range f.p.Status() {
+			if s.Key == key && s.Why == whyDeciding {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 func (f *fixture) serving(port uint16, family string) Serving {
@@ -83,39 +115,62 @@ func (f *fixture) serving(port uint16, family string) Serving {
 func TestRewriteAndPeerName(t *testing.T) {
 	f := newFixture(t)
 	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
+	b6 := startBackend(t, f.ns, "b6", "[fd00:201::1]:0")
 	f.res.set("one", group(1, []netip.AddrPort{b1.addr}))
-	f.apply(map[uint16]string{6000: "one"})
+	f.res.set("six", group(1, []netip.AddrPort{b6.addr}))
+	f.apply(map[uint16]string{6000: "one", 6001: "six"})
 
-	// Nothing listens on the namespace's 127.0.0.1:6000: only a rewrite
-	// can answer.
-	for _, addr := range []string{"127.0.0.1:6000", "127.0.0.2:6000"} {
+	// Nothing listens on the namespace's loopback: only a rewrite can
+	// answer. Each family's table holds only that family's endpoints.
+	for _, addr := range []string{"127.0.0.1:6000", "127.0.0.2:6000", "[::1]:6001"} {
 		name, peer := mustDial(t, f.ns, addr)
-		if name != "b1" {
-			t.Errorf("%s answered by %q; want b1", addr, name)
+		if want := map[bool]string{false: "b1", true: "b6"}[strings.HasPrefix(addr, "[")]; name != want {
+			t.Errorf("%s answered by %q; want %s", addr, name, want)
 		}
 		if peer != addr {
 			t.Errorf("getpeername after connecting to %s = %s; want the address connected to", addr, peer)
 		}
 	}
-	if s := f.serving(6000, "ipv4"); s.Path != "socket" || len(s.Endpoints) != 1 || s.Endpoints[0] != b1.addr {
-		t.Errorf("Status ipv4 = %+v; want the socket path choosing from %s", s, b1.addr)
+	for _, tc := range []struct {
+		port   uint16
+		family string
+		ep     netip.AddrPort
+	}{{6000, "ipv4", b1.addr}, {6001, "ipv6", b6.addr}} {
+		if s := f.serving(tc.port, tc.family); s.Path != "socket" || len(s.Endpoints) != 1 || s.Endpoints[0] != tc.ep {
+			t.Errorf("Status %d %s = %+v; want the socket path choosing from %s", tc.port, tc.family, s, tc.ep)
+		}
 	}
-	// ::1 is never sent to an IPv4 endpoint (an IPV6_V6ONLY socket could
-	// not reach it): it is left to the relay, and nothing listens here.
-	if _, _, err := dial(f.ns, "[::1]:6000"); err == nil {
-		t.Errorf("[::1]:6000 connected; only an IPv4 endpoint serves the port")
+	for _, tc := range []struct {
+		port   uint16
+		family string
+		addr   string
+	}{{6000, "ipv6", "[::1]:6000"}, {6001, "ipv4", "127.0.0.1:6001"}} {
+		if s := f.serving(tc.port, tc.family); s.Path != "relay" || !strings.Contains(s.Why, "and the connect") {
+			t.Errorf("Status %d %s = %+v; want the relay: the endpoint is of the other family", tc.port, tc.family, s)
+		}
+		if _, _, err := dial(f.ns, tc.addr); err == nil {
+			t.Errorf("%s connected; an endpoint of the other family must not be written into its table", tc.addr)
+		}
 	}
 	// A port without a route is not touched.
-	if _, _, err := dial(f.ns, "127.0.0.1:6001"); err == nil {
-		t.Errorf("127.0.0.1:6001 connected; it has no route and nothing listens there")
+	if _, _, err := dial(f.ns, "127.0.0.1:6002"); err == nil {
+		t.Errorf("127.0.0.1:6002 connected; it has no route and nothing listens there")
 	}
 
 	cs, err := f.p.Counters()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(cs) != 1 || cs[0].Service != "one" || cs[0].Endpoint != b1.addr || cs[0].Connects != 2 || cs[0].Failures != 0 {
-		t.Errorf("Counters = %+v; want 2 connects to %s for one", cs, b1.addr)
+	want := map[string]uint64{"one " + b1.addr.String(): 2, "six " + b6.addr.String(): 1}
+	for _, c := range cs {
+		k := c.Service + " " + c.Endpoint.String()
+		if c.Connects != want[k] || c.Failures != 0 {
+			t.Errorf("Counters: %+v; want %d connects", c, want[k])
+		}
+		delete(want, k)
+	}
+	if len(want) > 0 {
+		t.Errorf("Counters = %+v; missing %v", cs, want)
 	}
 
 	if err := f.p.Remove(context.Background(), "ns1"); err != nil {
@@ -350,6 +405,7 @@ func TestAdoptAfterCrash(t *testing.T) {
 	if err := f.p.Apply(context.Background(), "ns2", other, map[uint16]string{6000: "one"}); err != nil {
 		t.Fatal(err)
 	}
+	f.settle("ns2")
 
 	if err := f.p.Abandon(); err != nil { // what SIGKILL leaves
 		t.Fatal(err)
@@ -359,9 +415,7 @@ func TestAdoptAfterCrash(t *testing.T) {
 	}
 
 	f.start()
-	if err := f.p.Apply(context.Background(), "ns1", f.ns, map[uint16]string{6000: "one"}); err != nil {
-		t.Fatal(err)
-	}
+	f.apply(map[uint16]string{6000: "one"})
 	f.p.Sweep()
 	routes, err := f.p.k.routes()
 	if err != nil {
@@ -371,7 +425,8 @@ func TestAdoptAfterCrash(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[routeKey]bool{newRouteKey(cookie, 6000, false): true, newRouteKey(cookie, 6000, true): true}
+	// IPv4 only: the endpoint is IPv4.
+	want := map[routeKey]bool{newRouteKey(cookie, 6000, false): true}
 	if len(routes) != len(want) {
 		t.Errorf("routes after the restart: %v; want only %v", routes, want)
 	}
@@ -512,8 +567,9 @@ func TestPortsPerNamespaceBound(t *testing.T) {
 	for _, s := range f.p.Status() {
 		n[s.Path]++
 	}
-	if n["socket"] != 2*maxPortsPerNamespace || n["relay"] != 20 {
-		t.Errorf("ports by path (both families): %v; want %d on the socket path, the 20 above the bound on the relay", n, 2*maxPortsPerNamespace)
+	// IPv4 only: the endpoint is IPv4, so [::1] is the relay's anyway.
+	if n["socket"] != maxPortsPerNamespace || n["relay"] != maxPortsPerNamespace+20 {
+		t.Errorf("ports by path (both families): %v; want %d on the socket path, the IPv6 ones and the 20 above the bound on the relay", n, maxPortsPerNamespace)
 	}
 }
 
@@ -522,10 +578,15 @@ func TestPortsPerNamespaceBound(t *testing.T) {
 // waits; the connects after it go to the live endpoint.
 func TestSYNTimeoutTakesEndpointOut(t *testing.T) {
 	f := newFixture(t)
-	hole := blackholeIn(t, f.ns, "198.18.201.3")
+	// The endpoint answers the namespace's reach check, then vanishes.
+	hole, fill := blackholeIn(t, f.ns, "198.18.201.3")
 	b1 := startBackend(t, f.ns, "b1", "198.18.201.1:0")
 	f.res.set("h", group(1, []netip.AddrPort{hole, b1.addr}))
 	f.apply(map[uint16]string{6000: "h"})
+	if eps := f.serving(6000, "ipv4").Endpoints; len(eps) != 2 {
+		t.Fatalf("socket path endpoints %v; want both", eps)
+	}
+	fill()
 
 	// Connect until one is sent into the hole, and leave that one
 	// waiting: closed before its SYN timed out it would be no evidence.
@@ -581,9 +642,9 @@ func connectPending(t *testing.T, ns string, port int) (done bool) {
 	return false
 }
 
-// blackholeIn returns an address in ns whose SYNs the kernel drops: a
-// listener with a full accept queue of backlog 0.
-func blackholeIn(t *testing.T, ns, ip string) netip.AddrPort {
+// blackholeIn returns an address in ns, a listener of backlog 0, and fill,
+// which fills its accept queue: from then on the kernel drops its SYNs.
+func blackholeIn(t *testing.T, ns, ip string) (netip.AddrPort, func()) {
 	t.Helper()
 	var fd int
 	var addr netip.AddrPort
@@ -603,19 +664,28 @@ func blackholeIn(t *testing.T, ns, ip string) netip.AddrPort {
 			return err
 		}
 		addr = netip.AddrPortFrom(netip.MustParseAddr(ip), uint16(sa.(*unix.SockaddrInet4).Port))
-		// Fill the queue; the kernel drops SYNs once it is full.
-		for i := 0; i < 16; i++ {
-			c, err := net.DialTimeout("tcp4", addr.String(), 300*time.Millisecond)
-			if err != nil {
-				return nil
-			}
-			t.Cleanup(func() { c.Close() })
-		}
-		return fmt.Errorf("dials to %s never started hanging", addr)
+		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Close(fd) })
-	return addr
+	fill := func() {
+		t.Helper()
+		err := netns.Do(ns, func() error {
+			// The kernel drops SYNs once the queue is full.
+			for i := 0; i < 16; i++ {
+				c, err := net.DialTimeout("tcp4", addr.String(), 300*time.Millisecond)
+				if err != nil {
+					return nil
+				}
+				t.Cleanup(func() { c.Close() })
+			}
+			return fmt.Errorf("dials to %s never started hanging", addr)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return addr, fill
 }
