@@ -241,7 +241,7 @@ func (p *Path) look(ctx context.Context, sp *space, ns string, ans resolver.Answ
 // to directly, or nil and the reason the relay serves it instead.
 func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direct, view *nsView, v6 bool) ([]candidate, string) {
 	var cands []candidate
-	var translated []string
+	var translated, unreached []string
 	refused := 0
 	target := 0
 	for _, g := range ans.Groups {
@@ -277,8 +277,13 @@ func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direc
 					return nil, fmt.Sprintf("the namespace has no route to endpoint %s", addr)
 				}
 				if view.reach != nil {
+					// An endpoint the namespace cannot connect to is left
+					// out of its table (the others serve it directly);
+					// with none left, the relay, which dials from the
+					// host, serves the port.
 					if err, checked := view.reach[netip.AddrPortFrom(a, addr.Port())]; !checked || err != nil {
-						return nil, fmt.Sprintf("the namespace cannot connect to endpoint %s: %v", addr, cmp.Or(err, errors.New("not checked")))
+						unreached = append(unreached, fmt.Sprintf("%s (%v)", addr, cmp.Or(err, errors.New("not checked"))))
+						continue
 					}
 				}
 				inGroup++
@@ -290,9 +295,15 @@ func (p *Path) candidates(ans resolver.Answer, direct map[netip.AddrPort][]Direc
 		}
 	}
 	if len(cands) == 0 {
+		if len(unreached) > 0 {
+			return nil, "the namespace cannot connect to endpoint " + strings.Join(unreached, ", ")
+		}
 		return nil, fmt.Sprintf("the target policy refuses all %d endpoints", refused)
 	}
 	why := "the namespace connects to every endpoint"
+	if len(unreached) > 0 {
+		why = "the namespace connects to these endpoints; left out, as it cannot connect to them: " + strings.Join(unreached, ", ")
+	}
 	if len(translated) > 0 {
 		why += "; published ports reached at their containers: " + strings.Join(translated, ", ")
 	}

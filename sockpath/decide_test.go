@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -208,7 +209,8 @@ func countAccepts(t *testing.T, ns, addr string) *countingListener {
 }
 
 // A route is not reachability: an endpoint the namespace has a route to
-// but cannot connect to stays on the relay, while a port whose endpoints
+// but cannot connect to is left out of its table, and a port with no
+// endpoint it can connect to stays on the relay; a port whose endpoints
 // answer is on the socket path.
 func TestRoutableButUnreachable(t *testing.T) {
 	f := newFixture(t)
@@ -219,9 +221,16 @@ func TestRoutableButUnreachable(t *testing.T) {
 	f.res.set("mixed", group(1, []netip.AddrPort{b1.addr, hole}))
 	f.res.set("good", group(1, []netip.AddrPort{b1.addr}))
 	f.apply(map[uint16]string{6000: "hole", 6001: "mixed", 6002: "good"})
-	for _, port := range []uint16{6000, 6001} {
-		if s := f.serving(port, "ipv4"); s.Path != "relay" || !strings.Contains(s.Why, "cannot connect to endpoint "+hole.String()) {
-			t.Errorf("port %d: %+v; want the relay, because the namespace cannot connect to %s", port, s, hole)
+	if s := f.serving(6000, "ipv4"); s.Path != "relay" || !strings.Contains(s.Why, "cannot connect to endpoint "+hole.String()) {
+		t.Errorf("port 6000: %+v; want the relay, because the namespace cannot connect to %s", s, hole)
+	}
+	if s := f.serving(6001, "ipv4"); s.Path != "socket" || !slices.Equal(s.Endpoints, []netip.AddrPort{b1.addr}) ||
+		!strings.Contains(s.Why, "cannot connect to them: "+hole.String()) {
+		t.Errorf("port 6001: %+v; want the socket path with %s alone, %s left out", s, b1.addr, hole)
+	}
+	for range 20 {
+		if name, _, err := dialTimeout(f.ns, "127.0.0.1:6001", 2*time.Second); err != nil || name != "b1" {
+			t.Fatalf("127.0.0.1:6001: %q, %v; want b1 every time", name, err)
 		}
 	}
 	if s := f.serving(6002, "ipv4"); s.Path != "socket" {

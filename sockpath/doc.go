@@ -55,12 +55,13 @@
 //     client on that container's network where containers may reach each
 //     other (not a bridge with enable_icc=false), keep each family's table
 //     to that family's endpoints (an IPv6 socket cannot be sent to a
-//     v4-mapped one), and write the table only if the namespace has a route
-//     to every endpoint and a TCP connect from the namespace to each
-//     completes (reach.go): a route is not reachability, since Docker
-//     drops what crosses between bridge networks. The verdicts are kept
-//     per namespace and service, and checked again after unverify.
-//     Otherwise the relay serves the port, and the log and Status say why.
+//     v4-mapped one), and write into the table only the endpoints to which
+//     a TCP connect from the namespace completes (reach.go): a route is
+//     not reachability, since Docker drops what crosses between bridge
+//     networks. The verdicts are kept per namespace and service, and
+//     checked again after unverify (a namespace's failure report). With
+//     no endpoint left, or one without a route, the relay serves the
+//     port, and the log and Status say why.
 //   - health.go, with package health: a namespace's evidence makes the
 //     daemon probe the endpoint from its own network namespace (the
 //     evidence the relay's dials give, which no tenant can influence);

@@ -200,6 +200,8 @@ func TestOneNamespaceCannotDecideForAnother(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	waitSocket(t, p, "a", 2)
+	waitSocket(t, p, "b", 2)
 	// A drops its own SYNs to e1: its connects there stay in SYN_SENT.
 	iptables(t, nsA, "-A", "OUTPUT", "-p", "tcp", "--syn", "-d", eps[0].Addr().String(), "--dport", "7001", "-j", "DROP")
 
@@ -434,7 +436,11 @@ func TestEventBudgetPerNamespace(t *testing.T) {
 	nsB := netnsWithAddrs(t, "198.18.203.1/32")
 	probe := netnsWithAddrs(t, "198.18.203.1/32")
 	e := netip.MustParseAddrPort("198.18.203.1:7002")
-	startBackend(t, probe, "e", e.String()) // only the daemon reaches it
+	startBackend(t, probe, "e", e.String())
+	// A and B reach it while the socket path decides, then only the
+	// daemon does.
+	inA := startBackend(t, nsA, "e", e.String())
+	inB := startBackend(t, nsB, "e", e.String())
 	k := loadKernel(t, bpffs(t))
 	p, err := New(Config{Kernel: k, Resolver: res, RetryMin: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond,
 		ProbeNetNS: probe, Logger: testenv.Logger(t, &testenv.SyncBuffer{})})
@@ -453,6 +459,10 @@ func TestEventBudgetPerNamespace(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	waitSocket(t, p, "a", 1)
+	waitSocket(t, p, "b", 1)
+	inA.stop()
+	inB.stop()
 	const n = 300
 	start := time.Now()
 	refused := 0
@@ -520,4 +530,19 @@ func TestPruneDeadMarks(t *testing.T) {
 	if err := k.objs.Dead.Lookup(old, &at); err == nil {
 		t.Errorf("the stale mark stayed")
 	}
+}
+
+// waitSocket waits until the IPv4 port 6000 of the namespace key is on the
+// socket path with n endpoints: Apply only records the routes, and the
+// namespace's reach checks decide after it.
+func waitSocket(t *testing.T, p *Path, key string, n int) {
+	t.Helper()
+	eventually(t, key+"'s port 6000 on the socket path", func() bool {
+		for _, s := range p.Status() {
+			if s.Key == key && s.Port == 6000 && s.Family == "ipv4" {
+				return s.Path == "socket" && len(s.Endpoints) == n
+			}
+		}
+		return false
+	})
 }
