@@ -95,7 +95,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		SelfID:         docker.SelfContainerID(),
 		Logger:         log,
 	})
-	hooks := startHookServer(c, log, w, rec, ports)
+	hooks := startHookServer(c, log, w, rec, ports, sock)
 	acfg := admin.Config{Version: version, Proxy: srv, Resolver: res, Watcher: w, Reconciler: rec, Logger: log}
 	if sock != nil {
 		acfg.Socket = sock

@@ -31,6 +31,11 @@ type hookServer struct {
 	w   *docker.Watcher
 	rec *reconcile.Reconciler
 	log *slog.Logger
+	// decided, if set, waits for the socket path's first decisions on a
+	// namespace: its Apply records the routes and returns, and a
+	// container whose endpoints only the socket path reaches is served
+	// only once they are written.
+	decided func(ctx context.Context, key string) error
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -49,7 +54,7 @@ const (
 // startHookServer listens on c.hookSocket, if set. A daemon that cannot
 // serves no hooks, and says why, rather than not starting: hooks then let
 // containers start as they would without them.
-func startHookServer(c *config, log *slog.Logger, w *docker.Watcher, rec *reconcile.Reconciler, ports *docker.PortTable) *hookServer {
+func startHookServer(c *config, log *slog.Logger, w *docker.Watcher, rec *reconcile.Reconciler, ports *docker.PortTable, sock *socketPath) *hookServer {
 	if c.hookSocket == "" {
 		return nil
 	}
@@ -68,6 +73,9 @@ func startHookServer(c *config, log *slog.Logger, w *docker.Watcher, rec *reconc
 	if err != nil {
 		log.Warn("serving no OCI hooks", "err", err)
 		return nil
+	}
+	if sock != nil {
+		s.decided = sock.Decided
 	}
 	return s
 }
@@ -208,6 +216,11 @@ func (s *hookServer) handle(ctx context.Context, req hookRequest) hookReply {
 	}
 	if err := s.rec.WaitApplied(ctx, res.Key, res.NetNS); err != nil {
 		return hookReply{Labeled: true, Key: res.Key, Reason: err.Error()}
+	}
+	if s.decided != nil {
+		if err := s.decided(ctx, res.Key); err != nil {
+			return hookReply{Labeled: true, Key: res.Key, Reason: err.Error()}
+		}
 	}
 	return hookReply{Served: true, Labeled: true, Key: res.Key}
 }

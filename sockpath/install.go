@@ -12,6 +12,10 @@ import (
 // install makes the kernel serve the ports of sp that ds names as it
 // says; the other ports keep what they have. Called with p.mu.
 func (p *Path) install(sp *space, ds map[routeKey]decision) bool {
+	if p.installed != nil {
+		close(p.installed) // wakes Decided
+		p.installed = nil
+	}
 	changed := map[uint16]bool{}
 	for rk, d := range ds {
 		old := sp.ports[rk]

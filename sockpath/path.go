@@ -99,6 +99,9 @@ type Path struct {
 	dead       map[netip.AddrPort]*deadState // adopted, until New hands them to health
 	leftRoutes map[routeKey]bool             // a previous run's, not rewritten since
 	leftTables map[uint32]bool
+	// installed is closed, and replaced, whenever decisions are
+	// installed: Decided waits on it.
+	installed chan struct{}
 }
 
 // space is one namespace's state. Its decisions are made by a worker of
@@ -489,4 +492,34 @@ func (p *Path) Counters() ([]ServiceCounter, error) {
 		}
 	}
 	return out, nil
+}
+
+// Decided waits until every port the namespace key had when it was last
+// applied has had its first decision (socket path or relay), or ctx ends.
+// Apply does not wait for DNS; the OCI hook, which must not return before
+// the socket path serves a container whose endpoints only it can reach,
+// waits here within its own bound.
+func (p *Path) Decided(ctx context.Context, key string) error {
+	for {
+		p.mu.Lock()
+		pending := false
+		if sp := p.spaces[key]; sp != nil {
+			for _, st := range sp.ports {
+				pending = pending || st.pending
+			}
+		}
+		if p.installed == nil {
+			p.installed = make(chan struct{})
+		}
+		ch := p.installed
+		p.mu.Unlock()
+		if !pending {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the socket path's decisions on %s: %w", short(key), ctx.Err())
+		}
+	}
 }
