@@ -24,16 +24,7 @@ func TestMultihostFaults(t *testing.T) {
 		t.Skip("the full fault table runs with -multihost.faults (make multihost)")
 	}
 	testenv.NeedCommand(t, "nft") // the partition's drop rules, in the switch
-	b := newBed(t, "--live-restore")
-	a, hb, hc := b.host("A"), b.host("B"), b.host("C")
-	b.backend(a, "a1")
-	b.backend(hb, "b1")
-	b.backend(hb, "b2")
-	b.backend(hc, "c1")
-	waitInstances(t, a, 4)
-	b.startDaemon(hb, "socket")
-	b.startDaemon(hc, "socket")
-	appNS := b.app()
+	b, a, hb, hc, appNS := deployment(t, "--live-restore")
 	all := []string{"a1@A", "b1@B", "b2@B", "c1@C"}
 	except := func(lost ...string) []string {
 		var out []string

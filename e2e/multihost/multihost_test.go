@@ -15,19 +15,7 @@ import (
 // off without a reset. The full fault table is TestMultihostFaults (make
 // multihost).
 func TestMultihost(t *testing.T) {
-	b := newBed(t)
-	a, hb, hc := b.host("A"), b.host("B"), b.host("C")
-	b.backend(a, "a1")
-	b.backend(hb, "b1")
-	b.backend(hb, "b2")
-	b.backend(hc, "c1")
-	waitInstances(t, a, 4)
-	// B and C run the socket path: their programs sit at the same cgroup2
-	// root as A's, and must leave A's application alone (checked below by
-	// A's own counters).
-	b.startDaemon(hb, "socket")
-	b.startDaemon(hc, "socket")
-	appNS := b.app()
+	b, a, hb, hc, appNS := deployment(t)
 
 	for _, dp := range []string{"relay", "socket"} {
 		t.Run(dp, func(t *testing.T) {
@@ -111,6 +99,26 @@ func onHost(h string) func(string) bool {
 }
 
 // waitInstances waits until host h's agent lists n healthy instances.
+// deployment builds the bed with its engine flags, the backends (a1 on A,
+// b1 and b2 on B, c1 on C) registered, daemons on B and C and the
+// application on A, and returns the bed, its hosts and the application's
+// namespace. B and C run the socket path: their programs sit at the same
+// cgroup2 root as A's, and must leave A's application alone (checked by
+// A's own counters).
+func deployment(t *testing.T, engineArgs ...string) (b *bed, a, hb, hc *host, appNS string) {
+	t.Helper()
+	b = newBed(t, engineArgs...)
+	a, hb, hc = b.host("A"), b.host("B"), b.host("C")
+	b.backend(a, "a1")
+	b.backend(hb, "b1")
+	b.backend(hb, "b2")
+	b.backend(hc, "c1")
+	waitInstances(t, a, 4)
+	b.startDaemon(hb, "socket")
+	b.startDaemon(hc, "socket")
+	return b, a, hb, hc, b.app()
+}
+
 func waitInstances(t *testing.T, h *host, n int) {
 	t.Helper()
 	eventually(t, 90*time.Second, fmt.Sprintf("Consul lists %d instances of web", n), func() error {
