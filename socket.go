@@ -32,6 +32,10 @@ func startSocketPath(c *config, log *slog.Logger, res sockpath.Resolver, allowed
 		}
 		return nil, fmt.Errorf("--datapath socket: %w", err)
 	}
+	if err := k.SetSilenceBound(c.backendTimeout); err != nil {
+		k.Remove()
+		return nil, err
+	}
 	p, err := sockpath.New(sockpath.Config{Kernel: k, Resolver: res, Allowed: allowed, Ports: enginePorts{ports}, Logger: log})
 	if err != nil {
 		k.Remove()
