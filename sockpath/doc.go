@@ -44,6 +44,8 @@
 //     SO_KEEPALIVE on (then all its keepalive settings); what it sets
 //     afterwards replaces the bound's (Go's dialer, for one, sets its own
 //     keepalive timings once connected, and keeps the user timeout).
+//     Kernels before 6.1 cannot read those options from sockops: their
+//     sockets are left alone, and counted (STAT_UNBOUNDED).
 //
 // In the daemon:
 //

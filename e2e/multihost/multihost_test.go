@@ -88,11 +88,13 @@ func TestMultihost(t *testing.T) {
 				if f.lateStall > 2*time.Second {
 					t.Errorf("relay: a request started a second or more after C was cut off stalled %v; want below the connect timeout (1s) plus slack", f.lateStall)
 				}
-				// Its backend sockets carry --backend-timeout 5s: the
-				// long-lived connections to C end then, not in 15 minutes.
-				if f.longs > 0 && (f.longEnd < 0 || f.longEnd > 10*time.Second) {
-					t.Errorf("relay: long-lived connections to C ended after %s; want within --backend-timeout 5s and a little", f.longEndString())
-				}
+			}
+			// The relay's backend sockets, and on the socket path the
+			// application's own (set by sockops), carry --backend-timeout
+			// 5s: the long-lived connections to C end then, not in 15
+			// minutes.
+			if f.longs > 0 && (f.longEnd < 0 || f.longEnd > 10*time.Second) {
+				t.Errorf("%s: long-lived connections to C ended after %s; want within --backend-timeout 5s and a little", dp, f.longEndString())
 			}
 
 			b.restore(hc)

@@ -80,7 +80,7 @@ enum stat {
 	STAT_PASSIVE_CAP = 7,	 // picks that ignored marks on more than half a table
 	STAT_V6ONLY = 8,	 // connects to ::1 not sent to an IPv4 endpoint
 	STAT_CLEARED = 9,	 // socket state dropped on a connect not rewritten
-	STAT_UNBOUNDED = 10,	 // established sockets the kernel refused a silence bound
+	STAT_UNBOUNDED = 10,	 // established sockets the bound could not be read or set on
 	NSTATS = 11,
 };
 
@@ -603,14 +603,18 @@ static __always_inline void bound_silence(struct bpf_sock_ops *skops)
 	struct silence_bound *b = bpf_map_lookup_elem(&silence, &zero);
 	if (!b || b->user_timeout_ms == 0)
 		return;
-	int err = 0;
+	// Kernels before 6.1 read neither option through bpf_getsockopt:
+	// their sockets are left alone, and counted.
 	int v = 0;
-	if (bpf_getsockopt(skops, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof(v)) == 0 && v == 0) {
+	int err = bpf_getsockopt(skops, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof(v));
+	if (err == 0 && v == 0) {
 		v = b->user_timeout_ms;
 		err |= bpf_setsockopt(skops, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof(v));
 	}
 	v = 1;
-	if (bpf_getsockopt(skops, SOL_SOCKET, SO_KEEPALIVE, &v, sizeof(v)) == 0 && v == 0) {
+	int kerr = bpf_getsockopt(skops, SOL_SOCKET, SO_KEEPALIVE, &v, sizeof(v));
+	err |= kerr;
+	if (kerr == 0 && v == 0) {
 		// The timings first: turning keepalive on arms its timer with
 		// the idle time set at that moment.
 		v = b->keepidle;
