@@ -18,6 +18,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
+
+	"github.com/connectable/connectable/proxy"
 )
 
 // The layout of bpf/sockpath.c, as bpf2go generated it from there.
@@ -208,17 +210,13 @@ func (k *Kernel) Remove() error {
 	return errors.Join(errs...)
 }
 
-// DefaultSilenceBound is the relay's default backend timeout
-// (proxy.DefaultBackendTimeout), which SetSilenceBound(0) applies.
-const DefaultSilenceBound = 30 * time.Second
-
 // SetSilenceBound makes the kernel bound how long the peer of a rewritten
 // connection may stay silent once established, as the relay bounds its
 // backend sockets (proxy.Server.BackendTimeout, --backend-timeout), so that
 // a connection to a host that vanished without a reset ends within d
 // rather than after 15 minutes of retransmissions, or never when idle:
 // TCP_USER_TIMEOUT d, and keepalive idle for half of d, then probes every
-// sixth of d (the relay's settings). If d is 0, DefaultSilenceBound; if
+// sixth of d (the relay's settings). If d is 0, the relay's default; if
 // negative, sockets are left with the kernel's defaults. Connections
 // established before the call keep what they had. What an application set
 // itself is kept (see bound_silence in bpf/sockpath.c).
@@ -231,7 +229,7 @@ func (k *Kernel) SetSilenceBound(d time.Duration) error {
 
 func silenceBound(d time.Duration) kernSilenceBound {
 	if d == 0 {
-		d = DefaultSilenceBound
+		d = proxy.DefaultBackendTimeout
 	}
 	if d < 0 {
 		return kernSilenceBound{}
