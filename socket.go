@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/connectable/connectable/docker"
+	"github.com/connectable/connectable/proxy"
 	"github.com/connectable/connectable/reconcile"
 	"github.com/connectable/connectable/sockpath"
 )
@@ -41,6 +42,15 @@ func startSocketPath(c *config, log *slog.Logger, res sockpath.Resolver, allowed
 			return nil, nil
 		}
 		return nil, fmt.Errorf("--datapath socket: %w", err)
+	}
+	// The same bound as the relay's backend sockets.
+	bound := c.backendTimeout
+	if bound == 0 {
+		bound = proxy.DefaultBackendTimeout
+	}
+	if err := k.SetSilenceBound(bound); err != nil {
+		k.Remove()
+		return nil, err
 	}
 	p, err := sockpath.New(sockpath.Config{Kernel: k, Resolver: res, Allowed: allowed, Ports: enginePorts{ports}, Logger: log})
 	if err != nil {

@@ -100,6 +100,7 @@ var (
 	sockPassiveCap = desc("socket_passive_cap_total", "Picks that ignored a namespace's own failure marks because they covered more than half of a table.")
 	sockV6Only     = desc("socket_v6only_refused_total", "Connects to ::1 left to the relay rather than sent to an IPv4 endpoint.")
 	sockCleared    = desc("socket_state_cleared_total", "Socket states dropped because a later connect on the same socket was not rewritten.")
+	sockUnbounded  = desc("socket_unbounded_total", "Established rewritten connections left without the --backend-timeout bound, because the kernel could not read the application's own socket options (Linux before 6.1).")
 	setupSeconds   = desc("setup_seconds", "Time to set up or update one network namespace on every data path (listeners, iptables rules, routes).")
 )
 
@@ -107,7 +108,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{buildInfo, accepted, active, failed, rejected, bytesTotal, dialFailures, refusedTargets, limited,
 		failovers, namespaces, ports, dnsLookups, dnsStale, dnsQueries, dnsErrors, dnsTruncated, dnsSeconds,
 		dockerUp, dockerReconn, dockerResyncs, dockerResyncKO, sockConnects, sockFailures, sockPorts, sockEvidence, sockLocal, sockDropped, sockMapFull, sockNoStorage, sockPassiveCap,
-		sockV6Only, sockCleared, setupSeconds} {
+		sockV6Only, sockCleared, sockUnbounded, setupSeconds} {
 		ch <- d
 	}
 }
@@ -197,6 +198,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			counter(sockPassiveCap, float64(ks.PassiveCap))
 			counter(sockV6Only, float64(ks.V6OnlyRefused))
 			counter(sockCleared, float64(ks.Cleared))
+			counter(sockUnbounded, float64(ks.Unbounded))
 		} else {
 			c.a.log.Warn("reading the socket path's kernel counts", "err", err)
 		}

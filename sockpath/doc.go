@@ -32,12 +32,27 @@
 //     buffer within a per-namespace budget. A mark lapses after 30 s, so
 //     that endpoints come back while no daemon runs. What was dropped or
 //     ignored is counted in a stats map (Path.KernelStats).
+//   - sockops also bounds how long the peer of a rewritten socket may stay
+//     silent once it is established, as the relay bounds its backend
+//     sockets: TCP_USER_TIMEOUT, and keepalive probes when idle, from the
+//     silence map, which the daemon fills from --backend-timeout
+//     (Kernel.SetSilenceBound; a negative bound, or none written, leaves
+//     sockets alone). A connection to a host that vanished without a reset
+//     then ends within the bound, rather than after 15 minutes of
+//     retransmissions, or never when idle. What the application set before
+//     its connect completed is kept: a TCP_USER_TIMEOUT of its own, or
+//     SO_KEEPALIVE on (then all its keepalive settings); what it sets
+//     afterwards replaces the bound's (Go's dialer, for one, sets its own
+//     keepalive timings once connected, and keeps the user timeout).
+//     Kernels before 6.1 cannot read those options from sockops: their
+//     sockets are left alone, and counted (STAT_UNBOUNDED).
 //
 // In the daemon:
 //
 //   - kernel.go: Kernel loads the programs, adopting the maps and links that
 //     a previous run pinned (so connects keep being served while no daemon
-//     runs), and detaches and unpins everything on Remove.
+//     runs), and detaches and unpins everything on Remove; SetSilenceBound
+//     writes the bound on established sockets.
 //   - path.go: Path, a reconcile.Path. Apply records a namespace's routes
 //     and returns at once: a port no longer labelled leaves the kernel
 //     there and then, and the others are the relay's until decided, so the

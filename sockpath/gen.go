@@ -5,4 +5,4 @@ package sockpath
 // kernel headers. Run `go generate ./sockpath` after changing the C
 // (scripts/setup.sh installs clang and libbpf-dev). The enums give the Go
 // side its constants, so they are written once, in the C.
-//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type route_key -type endpoint -type table -type counter_key -type endpoint_counters -type sock_state -type dead_key -type event -type sockpath_const -type event_kind -type stat kern bpf/sockpath.c -- -I/usr/include/x86_64-linux-gnu
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type route_key -type endpoint -type table -type counter_key -type endpoint_counters -type sock_state -type dead_key -type event -type sockpath_const -type event_kind -type stat -type silence_bound kern bpf/sockpath.c -- -I/usr/include/x86_64-linux-gnu

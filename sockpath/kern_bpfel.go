@@ -79,6 +79,14 @@ type kernSharedTypes struct {
 	_       [4]byte
 }
 
+type kernSilenceBound struct {
+	_             structs.HostLayout
+	UserTimeoutMs uint32
+	Keepidle      uint32
+	Keepintvl     uint32
+	Keepcnt       uint32
+}
+
 type kernSockState struct {
 	_        structs.HostLayout
 	Cookie   uint64
@@ -115,7 +123,8 @@ const (
 	kernStatSTAT_PASSIVE_CAP    kernStat = 7
 	kernStatSTAT_V6ONLY         kernStat = 8
 	kernStatSTAT_CLEARED        kernStat = 9
-	kernStatNSTATS              kernStat = 10
+	kernStatSTAT_UNBOUNDED      kernStat = 10
+	kernStatNSTATS              kernStat = 11
 )
 
 type kernTable struct {
@@ -136,6 +145,7 @@ const (
 	kernMapDead              = "dead"
 	kernMapEvents            = "events"
 	kernMapRoutes            = "routes"
+	kernMapSilence           = "silence"
 	kernMapSocks             = "socks"
 	kernMapStats             = "stats"
 	kernMapTableLayout       = "table_layout"
@@ -206,6 +216,7 @@ type kernMapSpecs struct {
 	Dead        *ebpf.MapSpec `ebpf:"dead"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Routes      *ebpf.MapSpec `ebpf:"routes"`
+	Silence     *ebpf.MapSpec `ebpf:"silence"`
 	Socks       *ebpf.MapSpec `ebpf:"socks"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
 	TableLayout *ebpf.MapSpec `ebpf:"table_layout"`
@@ -244,6 +255,7 @@ type kernMaps struct {
 	Dead        *ebpf.Map `ebpf:"dead"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Routes      *ebpf.Map `ebpf:"routes"`
+	Silence     *ebpf.Map `ebpf:"silence"`
 	Socks       *ebpf.Map `ebpf:"socks"`
 	Stats       *ebpf.Map `ebpf:"stats"`
 	TableLayout *ebpf.Map `ebpf:"table_layout"`
@@ -258,6 +270,7 @@ func (m *kernMaps) Close() error {
 		m.Dead,
 		m.Events,
 		m.Routes,
+		m.Silence,
 		m.Socks,
 		m.Stats,
 		m.TableLayout,

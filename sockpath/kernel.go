@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -173,7 +174,7 @@ func explainVerifier(err error) error {
 
 // pinnedMaps lists the maps pinned in the directory.
 func (k *Kernel) pinnedMaps() []*ebpf.Map {
-	return []*ebpf.Map{k.objs.Routes, k.objs.Tables, k.objs.Dead, k.objs.Budgets, k.objs.Counters, k.objs.Stats, k.objs.Socks, k.objs.Events}
+	return []*ebpf.Map{k.objs.Routes, k.objs.Tables, k.objs.Dead, k.objs.Budgets, k.objs.Counters, k.objs.Stats, k.objs.Socks, k.objs.Events, k.objs.Silence}
 }
 
 // Close lets go of the programs and maps, leaving them attached and pinned:
@@ -205,6 +206,38 @@ func (k *Kernel) Remove() error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// SetSilenceBound makes the kernel bound how long the peer of a rewritten
+// connection may stay silent once established, as the relay bounds its
+// backend sockets (proxy.Server.BackendTimeout, --backend-timeout), so that
+// a connection to a host that vanished without a reset ends within d
+// rather than after 15 minutes of retransmissions, or never when idle:
+// TCP_USER_TIMEOUT d, and keepalive idle for half of d, then probes every
+// sixth of d (the relay's settings). If d is 0 or negative, sockets are
+// left with the kernel's defaults: the caller resolves the relay's default. Connections
+// established before the call keep what they had. What an application set
+// itself is kept (see bound_silence in bpf/sockpath.c).
+func (k *Kernel) SetSilenceBound(d time.Duration) error {
+	if err := k.objs.Silence.Put(uint32(0), silenceBound(d)); err != nil {
+		return fmt.Errorf("setting the silence bound: %w", err)
+	}
+	return nil
+}
+
+func silenceBound(d time.Duration) kernSilenceBound {
+	if d <= 0 {
+		return kernSilenceBound{}
+	}
+	// The kernel refuses more than MAX_TCP_KEEPIDLE (32767 s) and a
+	// negative int.
+	secs := func(d time.Duration) uint32 { return uint32(min(max(d, time.Second)/time.Second, 32767)) }
+	return kernSilenceBound{
+		UserTimeoutMs: uint32(min(max(d.Milliseconds(), 1), math.MaxInt32)),
+		Keepidle:      secs(d / 2),
+		Keepintvl:     secs(d / 6),
+		Keepcnt:       3,
+	}
 }
 
 // routeKey is the key of one namespace's port, for one family.

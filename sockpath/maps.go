@@ -64,6 +64,7 @@ type KernelStats struct {
 	PassiveCap    uint64 // picks that ignored a namespace's marks on more than half a table
 	V6OnlyRefused uint64 // connects to ::1 not sent to an IPv4 endpoint
 	Cleared       uint64 // socket states dropped on a later connect not rewritten
+	Unbounded     uint64 // established sockets left without the silence bound: the kernel could not read the application's own options (before Linux 6.1)
 	OverMarks     uint64 // reports the daemon dropped: the namespace held too many suspects
 	BadReports    uint64 // reports the daemon could not read
 }
@@ -86,6 +87,7 @@ func kernelStats(v []uint64) KernelStats {
 		PassiveCap:    at(kernStatSTAT_PASSIVE_CAP),
 		V6OnlyRefused: at(kernStatSTAT_V6ONLY),
 		Cleared:       at(kernStatSTAT_CLEARED),
+		Unbounded:     at(kernStatSTAT_UNBOUNDED),
 	}
 }
 

@@ -14,8 +14,11 @@
 // connected to. If no endpoint is drawn, the connect is not rewritten and
 // the REDIRECT rule beneath sends it to the relay, which fails over itself.
 //
-// A sockops program watches those sockets only, and counts as evidence
-// against an endpoint only what the remote side caused: a reset or an ICMP
+// A sockops program watches those sockets only. Once one is established,
+// it bounds how long its peer may stay silent, as the relay bounds its
+// backend sockets (--backend-timeout), so that a connection to a host that
+// vanished without a reset ends rather than hanging. As evidence against
+// an endpoint it counts only what the remote side caused: a reset or an ICMP
 // error in answer to the SYN, or a SYN left unanswered past its
 // retransmission timeout. A socket its application closed, aborted or gave
 // up on while connecting is no evidence. The evidence marks the endpoint
@@ -35,6 +38,12 @@
 #define SOCK_STREAM 1
 #define SHUTDOWN_MASK 3	  // RCV_SHUTDOWN | SEND_SHUTDOWN, set by tcp_close()
 #define ECONNABORTED 103 // set by tcp_abort(): the host destroyed the socket
+#define SOL_SOCKET 1
+#define SO_KEEPALIVE 9
+#define TCP_KEEPIDLE 4
+#define TCP_KEEPINTVL 5
+#define TCP_KEEPCNT 6
+#define TCP_USER_TIMEOUT 18
 
 // The constants the daemon shares, generated into Go by bpf2go (-type).
 enum sockpath_const {
@@ -71,7 +80,8 @@ enum stat {
 	STAT_PASSIVE_CAP = 7,	 // picks that ignored marks on more than half a table
 	STAT_V6ONLY = 8,	 // connects to ::1 not sent to an IPv4 endpoint
 	STAT_CLEARED = 9,	 // socket state dropped on a connect not rewritten
-	NSTATS = 10,
+	STAT_UNBOUNDED = 10,	 // established sockets the bound could not be read or set on
+	NSTATS = 11,
 };
 
 // Just the fields read from the kernel's struct sock, relocated by CO-RE
@@ -133,6 +143,17 @@ struct sock_state {
 	__u16 orig_port;
 	__u8 v4; // the socket is AF_INET: orig_addr[3] is the address
 	__u8 reported; // an event was sent for this socket
+};
+
+// How long the peer of an established rewritten socket may stay silent,
+// as the daemon derives it from --backend-timeout; all zero (the map's
+// value until a daemon writes it, or a negative --backend-timeout) leaves
+// sockets alone.
+struct silence_bound {
+	__u32 user_timeout_ms; // TCP_USER_TIMEOUT: sent data unacknowledged
+	__u32 keepidle;	       // seconds idle before the first keepalive probe
+	__u32 keepintvl;       // seconds between probes
+	__u32 keepcnt;	       // probes unanswered before the end
 };
 
 struct event {
@@ -228,6 +249,13 @@ struct {
 	__type(key, __u32); // enum stat
 	__type(value, __u64);
 } stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct silence_bound);
+} silence SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -561,6 +589,47 @@ static __always_inline int remote_failure(struct bpf_sock_ops *skops)
 	return err != 0 && err != ECONNABORTED && shutdown != SHUTDOWN_MASK;
 }
 
+// bound_silence applies the daemon's silence bound to an established
+// socket, as the relay does to its backend sockets: TCP_USER_TIMEOUT ends
+// it when sent data stays unacknowledged, keepalive probes when it is idle
+// (with a user timeout set, the kernel ends an idle one once the peer has
+// been silent that long with a probe out). What the application set itself
+// before the connect completed is kept: a TCP_USER_TIMEOUT other than 0,
+// or SO_KEEPALIVE on (then its keepalive settings are its own). An
+// application that sets them later overrides these.
+static __always_inline void bound_silence(struct bpf_sock_ops *skops)
+{
+	__u32 zero = 0;
+	struct silence_bound *b = bpf_map_lookup_elem(&silence, &zero);
+	if (!b || b->user_timeout_ms == 0)
+		return;
+	// Kernels before 6.1 read neither option through bpf_getsockopt:
+	// their sockets are left alone, and counted.
+	int v = 0;
+	int err = bpf_getsockopt(skops, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof(v));
+	if (err == 0 && v == 0) {
+		v = b->user_timeout_ms;
+		err |= bpf_setsockopt(skops, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof(v));
+	}
+	v = 1;
+	int kerr = bpf_getsockopt(skops, SOL_SOCKET, SO_KEEPALIVE, &v, sizeof(v));
+	err |= kerr;
+	if (kerr == 0 && v == 0) {
+		// The timings first: turning keepalive on arms its timer with
+		// the idle time set at that moment.
+		v = b->keepidle;
+		err |= bpf_setsockopt(skops, IPPROTO_TCP, TCP_KEEPIDLE, &v, sizeof(v));
+		v = b->keepintvl;
+		err |= bpf_setsockopt(skops, IPPROTO_TCP, TCP_KEEPINTVL, &v, sizeof(v));
+		v = b->keepcnt;
+		err |= bpf_setsockopt(skops, IPPROTO_TCP, TCP_KEEPCNT, &v, sizeof(v));
+		v = 1;
+		err |= bpf_setsockopt(skops, SOL_SOCKET, SO_KEEPALIVE, &v, sizeof(v));
+	}
+	if (err)
+		count(STAT_UNBOUNDED);
+}
+
 SEC("sockops")
 int sock_ops(struct bpf_sock_ops *skops)
 {
@@ -571,6 +640,9 @@ int sock_ops(struct bpf_sock_ops *skops)
 	if (!st)
 		return 1; // not a socket the connect programs rewrote
 	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		bound_silence(skops);
+		break;
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
 		break;
