@@ -347,12 +347,50 @@ func (w *Watcher) session(ctx context.Context) (time.Duration, error) {
 	defer func() { cancel(); ins.wait() }()
 
 	// The first resync completes before events are followed, so the state
-	// handed over first is the engine's whole truth; events queue meanwhile.
-	if err := w.applyList(ins, w.list(ctx, ins.next())); err != nil {
+	// handed over first is the engine's whole truth; events are held
+	// meanwhile. Hooks are served all the while: Podman's listing waits
+	// for the containers that are starting, whose hooks wait for this
+	// goroutine; their create events are noted as they come.
+	var held []*dockerapi.APIEvents
+	listed := make(chan listing, 1)
+	seq := ins.next()
+	go func() { listed <- w.list(ctx, seq) }() // received below on every path
+	var first listing
+	for waiting := true; waiting; {
+		select {
+		case first = <-listed:
+			waiting = false
+		case m := <-w.pre.msgs:
+			w.handlePrestart(m, ins)
+		case ev, ok := <-ch:
+			if !ok {
+				cancel() // ends the listing, which may wait on a start
+				<-listed
+				return 0, errStreamEnded
+			}
+			w.noteEvent(ev)
+			held = append(held, ev)
+		}
+	}
+	if err := w.applyList(ins, first); err != nil {
 		return 0, err
 	}
 	for ins.busy() {
-		w.apply(ins.take(<-ins.results), ins)
+		select {
+		case r := <-ins.results:
+			w.apply(ins.take(r), ins)
+		case m := <-w.pre.msgs:
+			w.handlePrestart(m, ins)
+		case ev, ok := <-ch:
+			if !ok {
+				return 0, errStreamEnded
+			}
+			w.noteEvent(ev)
+			held = append(held, ev)
+		}
+	}
+	for _, ev := range held {
+		w.takeEvent(ev, ins)
 	}
 	w.publish()
 	if w.cfg.Listed != nil {
@@ -434,12 +472,7 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 				return errStreamEnded
 			}
 			w.noteEvent(ev)
-			if w.cfg.Ports != nil && isLifecycle(ev) {
-				w.cfg.Ports.Invalidate()
-			}
-			if id := w.eventID(ev); id != "" {
-				ins.request(id)
-			}
+			w.takeEvent(ev, ins)
 		case r := <-ins.results:
 			w.apply(ins.take(r), ins)
 		case m := <-w.pre.msgs:
@@ -452,6 +485,17 @@ func (w *Watcher) follow(ctx context.Context, ch <-chan *dockerapi.APIEvents, in
 		if len(ins.results) == 0 {
 			w.publish()
 		}
+	}
+}
+
+// takeEvent acts on an event once its create, if it is one, is noted:
+// the container it names is inspected again.
+func (w *Watcher) takeEvent(ev *dockerapi.APIEvents, ins *inspector) {
+	if w.cfg.Ports != nil && isLifecycle(ev) {
+		w.cfg.Ports.Invalidate()
+	}
+	if id := w.eventID(ev); id != "" {
+		ins.request(id)
 	}
 }
 

@@ -88,3 +88,42 @@ func TestPrestart(t *testing.T) {
 		t.Fatalf("unknown container: %v; want the deadline", err)
 	}
 }
+
+// A hook is answered while the session's first listing waits: Podman's
+// listing waits for the containers that are starting, whose hooks wait
+// for the watcher, so a hook served only once events are followed would
+// wait out its bound whenever the stream is re-subscribed.
+func TestPrestartDuringFirstListing(t *testing.T) {
+	f := newFakeEngine()
+	listing := make(chan struct{})
+	release := make(chan struct{})
+	f.onList = func() {
+		close(listing)
+		<-release
+	}
+	sink := newRecordingSink()
+	w, logs := newFakeWatcher(t, f, sink, time.Hour)
+	startWatcher(t, w)
+	defer func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	}()
+	<-listing
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	plain := strings.Repeat("5", 64)
+	f.emitCreate(plain, "plain", map[string]string{"other": "x"})
+	res, err := w.Prestart(ctx, PrestartRequest{ID: plain, PID: os.Getpid()})
+	if err != nil || res.Labeled || res.Key != "" {
+		t.Fatalf("during the first listing: %+v, %v; want an answer, nothing to do", res, err)
+	}
+	if w.Healthy() {
+		t.Fatal("the watcher follows events already; the test proves nothing")
+	}
+	close(release)
+	waitFor(t, "following events", w.Healthy, logs)
+}
