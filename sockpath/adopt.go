@@ -4,9 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"time"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/connectable/connectable/health"
 )
 
 // adopt takes note of a previous run's entries. A table that holds an
@@ -59,9 +60,9 @@ func (p *Path) adopt() error {
 	if err != nil {
 		return fmt.Errorf("reading the dead endpoints: %w", err)
 	}
-	now := time.Now()
+	// A previous run's marks: the daemon probes them, as its own evidence.
 	for _, ap := range dead {
-		p.dead[ap] = &deadState{backoff: p.cfg.RetryMin, next: now}
+		p.health.Report(health.Daemon, ap)
 	}
 	if len(p.leftRoutes) > 0 {
 		p.log.Info("adopted the socket path of a previous run", "routes", len(p.leftRoutes), "tables", len(p.leftTables), "dead_endpoints", len(dead))

@@ -13,13 +13,6 @@ import (
 	"github.com/connectable/connectable/netns"
 )
 
-// deadState is an endpoint a previous run's kernel marks name, until New
-// hands it to the health tracker.
-type deadState struct {
-	backoff time.Duration
-	next    time.Time
-}
-
 // newTracker returns the endpoint health of p: passive evidence from the
 // kernel's reports, probes from the daemon's namespace.
 func (p *Path) newTracker() *health.Tracker {

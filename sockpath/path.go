@@ -96,8 +96,7 @@ type Path struct {
 	ids        map[uint32]bool   // of tables, and of a previous run's until Sweep
 	nextID     uint32
 	services   map[string]*service
-	dead       map[netip.AddrPort]*deadState // adopted, until New hands them to health
-	leftRoutes map[routeKey]bool             // a previous run's, not rewritten since
+	leftRoutes map[routeKey]bool // a previous run's, not rewritten since
 	leftTables map[uint32]bool
 	// installed is closed, and replaced, whenever decisions are
 	// installed: Decided waits on it.
@@ -204,7 +203,6 @@ func New(cfg Config) (*Path, error) {
 		tables:     map[string]*table{},
 		ids:        map[uint32]bool{},
 		services:   map[string]*service{},
-		dead:       map[netip.AddrPort]*deadState{},
 		leftRoutes: map[routeKey]bool{},
 		leftTables: map[uint32]bool{},
 		nextID:     1,
@@ -213,10 +211,6 @@ func New(cfg Config) (*Path, error) {
 	if err := p.adopt(); err != nil {
 		return nil, err
 	}
-	for ap := range p.dead {
-		p.health.Report(health.Daemon, ap)
-	}
-	p.dead = nil
 	ev, err := p.k.events()
 	if err != nil {
 		return nil, fmt.Errorf("reading the failure reports: %w", err)
