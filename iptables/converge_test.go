@@ -1,6 +1,8 @@
 package iptables
 
 import (
+	"bytes"
+	"log/slog"
 	"strings"
 	"testing"
 )
@@ -18,23 +20,44 @@ func wantDump(t *testing.T, ports []uint16, toPort uint16) string {
 func TestApplyConvergesFromAnyStart(t *testing.T) {
 	ports := []uint16{6000, 8500}
 	const to = 4000
+	type tableSetup = map[string][]string // chain -> specs, on top of the builtins
 	tests := []struct {
-		name  string
-		setup map[string][]string // chain -> specs, on top of the builtins
+		name          string
+		nat, filter   tableSetup
+		foreignOutput bool // setup has Docker's rule in nat OUTPUT
 	}{
 		{name: "fresh"},
-		{name: "chain without jump", setup: map[string][]string{Chain: {redirectRule(1, 2)}}},
-		{name: "duplicated jumps", setup: map[string][]string{
+		{name: "chain without jump", nat: tableSetup{Chain: {redirectRule(1, 2)}}},
+		{name: "duplicated jumps", foreignOutput: true, nat: tableSetup{
 			"OUTPUT": {"-j CONNECTABLE", "-d 127.0.0.11/32 -j DOCKER_OUTPUT", "-j CONNECTABLE", "-p tcp -j CONNECTABLE"},
 			Chain:    {redirectRule(6000, to), redirectRule(8500, to)},
 		}},
-		{name: "old target port", setup: map[string][]string{
+		{name: "old target port", nat: tableSetup{
 			"OUTPUT": {"-j CONNECTABLE"},
 			Chain:    {redirectRule(6000, 3999), redirectRule(8500, 3999)},
+		}, filter: tableSetup{
+			"INPUT": {"-j CONNECTABLE"},
+			Chain:   guardRules(3999),
 		}},
-		{name: "stale and duplicated rules", setup: map[string][]string{
+		{name: "stale and duplicated rules", nat: tableSetup{
 			"OUTPUT": {"-j CONNECTABLE"},
 			Chain:    {redirectRule(7000, to), redirectRule(6000, to), redirectRule(6000, to), "-p udp -j ACCEPT"},
+		}, filter: tableSetup{
+			"INPUT": {"-j CONNECTABLE"},
+			Chain:   append(guardRules(to), guardRules(to)[1], "-p udp -j ACCEPT"),
+		}},
+		{name: "nat right, no guard yet (an earlier version)", nat: tableSetup{
+			"OUTPUT": {"-j CONNECTABLE"},
+			Chain:    {redirectRule(6000, to), redirectRule(8500, to)},
+		}},
+		{name: "guard chain without jump", filter: tableSetup{Chain: guardRules(to)}},
+		{name: "duplicated guard jumps", filter: tableSetup{
+			"INPUT": {"-j CONNECTABLE", "-i lo -j ACCEPT", "-p tcp -j CONNECTABLE", "-j CONNECTABLE"},
+			Chain:   guardRules(to),
+		}},
+		{name: "guard only half there", filter: tableSetup{
+			"INPUT": {"-j CONNECTABLE"},
+			Chain:   guardRules(to)[:1],
 		}},
 	}
 	want := wantDump(t, ports, to)
@@ -42,8 +65,11 @@ func TestApplyConvergesFromAnyStart(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			n, v4, v6 := newFakeNAT(t)
 			for _, f := range []*fakeTables{v4, v6} {
-				for c, specs := range tt.setup {
-					f.chains[c] = append([]string(nil), specs...)
+				for c, specs := range tt.nat {
+					f.nat()[c] = append([]string(nil), specs...)
+				}
+				for c, specs := range tt.filter {
+					f.filter()[c] = append([]string(nil), specs...)
 				}
 			}
 			if err := n.Apply("ns", ports, to); err != nil {
@@ -51,12 +77,19 @@ func TestApplyConvergesFromAnyStart(t *testing.T) {
 			}
 			for fam, f := range map[string]*fakeTables{"v4": v4, "v6": v6} {
 				got := f.dump()
-				if strings.Contains(tt.name, "duplicated jumps") {
-					// Docker's rule stays: Apply touches only what is ours.
-					if !strings.Contains(got, "-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT") {
-						t.Errorf("%s: foreign rule removed:\n%s", fam, got)
+				// Foreign rules stay: Apply touches only what is ours.
+				foreign := []string{}
+				if tt.foreignOutput {
+					foreign = append(foreign, "-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT\n")
+				}
+				if strings.Contains(tt.name, "duplicated guard jumps") {
+					foreign = append(foreign, "-A INPUT -i lo -j ACCEPT\n")
+				}
+				for _, r := range foreign {
+					if !strings.Contains(got, r) {
+						t.Errorf("%s: foreign rule %q removed:\n%s", fam, r, got)
 					}
-					got = strings.Replace(got, "-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT\n", "", 1)
+					got = strings.Replace(got, r, "", 1)
 				}
 				if got != want {
 					t.Errorf("%s: got\n%s\nwant\n%s", fam, got, want)
@@ -79,10 +112,16 @@ func TestApplyExecCount(t *testing.T) {
 	if err := n.Apply("ns", []uint16{6000, 6001}, 4000); err != nil {
 		t.Fatal(err)
 	}
-	// Fresh: one listing of OUTPUT and one restore per family.
-	if v4.lists != 1 || v4.restores != 1 || v6.lists != 1 || v6.restores != 1 {
-		t.Errorf("fresh Apply: v4 %d lists %d restores, v6 %d lists %d restores; want 1 and 1 each",
+	// Fresh: a listing of each table (nat and filter) and one restore,
+	// writing both, per family. Before the guard this was one listing of
+	// nat OUTPUT; a whole table's listing replaces the two of OUTPUT and
+	// the chain that any later Apply needed.
+	if v4.lists != 2 || v4.restores != 1 || v6.lists != 2 || v6.restores != 1 {
+		t.Errorf("fresh Apply: v4 %d lists %d restores, v6 %d lists %d restores; want 2 and 1 each",
 			v4.lists, v4.restores, v6.lists, v6.restores)
+	}
+	if !strings.HasPrefix(v4.lastRestore, "*filter\n") || !strings.Contains(v4.lastRestore, "COMMIT\n*nat\n") {
+		t.Errorf("fresh Apply's restore is not filter then nat in one input:\n%s", v4.lastRestore)
 	}
 	v4.lists, v4.restores = 0, 0
 	if err := n.Apply("ns", []uint16{6000, 6001, 6002}, 4000); err != nil {
@@ -93,6 +132,16 @@ func TestApplyExecCount(t *testing.T) {
 	}
 	if strings.Contains(v4.lastRestore, "-D ") || strings.Contains(v4.lastRestore, ":"+Chain) {
 		t.Errorf("adding a port deleted or flushed rules:\n%s", v4.lastRestore)
+	}
+	if strings.Contains(v4.lastRestore, "*filter") {
+		t.Errorf("adding a port rewrote the guard, which did not change:\n%s", v4.lastRestore)
+	}
+	v4.lists, v4.restores = 0, 0
+	if err := n.Apply("ns", []uint16{6000, 6001, 6002}, 4000); err != nil {
+		t.Fatal(err)
+	}
+	if v4.lists != 2 || v4.restores != 0 {
+		t.Errorf("unchanged Apply: %d lists %d restores; want 2 and 0", v4.lists, v4.restores)
 	}
 }
 
@@ -115,7 +164,8 @@ func TestClearRemovesEverythingOurs(t *testing.T) {
 	if err := n.Apply("ns", []uint16{6000}, 4000); err != nil {
 		t.Fatal(err)
 	}
-	v4.chains["OUTPUT"] = append(v4.chains["OUTPUT"], "-j CONNECTABLE")
+	v4.nat()["OUTPUT"] = append(v4.nat()["OUTPUT"], "-j CONNECTABLE")
+	v6.filter()["INPUT"] = append(v6.filter()["INPUT"], "-p tcp -j CONNECTABLE")
 	if err := n.Clear("ns"); err != nil {
 		t.Fatalf("Clear: %v", err)
 	}
@@ -135,13 +185,20 @@ func TestClearRemovesEverythingOurs(t *testing.T) {
 		t.Errorf("Clear of a clean table wrote %d times", v4.restores)
 	}
 
-	// A lone chain nobody jumps to is ours too.
-	v4.chains[Chain] = []string{redirectRule(1, 2)}
+	// A lone chain nobody jumps to is ours too, in either table.
+	v4.nat()[Chain] = []string{redirectRule(1, 2)}
+	v4.filter()[Chain] = guardRules(2)
+	v6.filter()[Chain] = nil
 	if err := n.Clear("ns"); err != nil {
-		t.Fatalf("Clear of a lone chain: %v", err)
+		t.Fatalf("Clear of lone chains: %v", err)
 	}
-	if got := v4.dump(); got != clean {
-		t.Errorf("after Clear of a lone chain got\n%s\nwant\n%s", got, clean)
+	for _, f := range []*fakeTables{v4, v6} {
+		if got := f.dump(); got != clean {
+			t.Errorf("after Clear of lone chains got\n%s\nwant\n%s", got, clean)
+		}
+	}
+	if !strings.HasPrefix(v4.lastRestore, "*nat\n") || !strings.Contains(v4.lastRestore, "COMMIT\n*filter\n") {
+		t.Errorf("Clear's restore is not nat then filter in one input:\n%s", v4.lastRestore)
 	}
 }
 
@@ -172,7 +229,7 @@ func TestPort(t *testing.T) {
 	}
 	// Only IPv6 rules left (say IPv4 was cleared by hand): still found.
 	n2, _, v6b := newFakeNAT(t)
-	v6b.chains = v6.chains
+	v6b.tables = v6.tables
 	if p, err := n2.Port("ns"); err != nil || p != 43210 {
 		t.Errorf("Port from IPv6 rules = %d, %v; want 43210, nil", p, err)
 	}
@@ -215,8 +272,9 @@ func TestApplyRejectsBadInput(t *testing.T) {
 }
 
 // TestPortThenApplyListsOnce: a daemon asks Port before it listens, then
-// Applies; the second listing per family is saved, and the result is what
-// a fresh Apply writes.
+// Applies; Apply lists nothing again, and the result is what a fresh Apply
+// writes. Port lists both tables per family although it needs only nat, so
+// that Apply can skip its own listings: two per family, once in all.
 func TestPortThenApplyListsOnce(t *testing.T) {
 	ports := []uint16{6000, 6001}
 	n, v4, v6 := newFakeNAT(t)
@@ -226,8 +284,8 @@ func TestPortThenApplyListsOnce(t *testing.T) {
 	if err := n.Apply("ns", ports, 4000); err != nil {
 		t.Fatal(err)
 	}
-	if v4.lists != 1 || v6.lists != 1 || v4.restores != 1 || v6.restores != 1 {
-		t.Errorf("Port then Apply: v4 %d lists %d restores, v6 %d lists %d restores; want 1 and 1 each",
+	if v4.lists != 2 || v6.lists != 2 || v4.restores != 1 || v6.restores != 1 {
+		t.Errorf("Port then Apply: v4 %d lists %d restores, v6 %d lists %d restores; want 2 and 1 each",
 			v4.lists, v4.restores, v6.lists, v6.restores)
 	}
 	if got, want := v4.dump(), wantDump(t, ports, 4000); got != want {
@@ -270,8 +328,8 @@ func TestPortReadingNotReused(t *testing.T) {
 		if err := n.Apply("b", []uint16{6000}, 4000); err != nil {
 			t.Fatal(err)
 		}
-		if v4.lists != 1 {
-			t.Errorf("Apply(b) after Port(a) listed %d times; want 1", v4.lists)
+		if v4.lists != 2 {
+			t.Errorf("Apply(b) after Port(a) listed %d times; want 2", v4.lists)
 		}
 	})
 	t.Run("after Clear", func(t *testing.T) {
@@ -302,8 +360,78 @@ func TestPortReadingNotReused(t *testing.T) {
 		if err := n.Apply("ns", []uint16{6000}, 4000); err != nil {
 			t.Fatal(err)
 		}
-		if v4.lists != 1 {
-			t.Errorf("Apply after a stale Port listed %d times; want 1", v4.lists)
+		if v4.lists != 2 {
+			t.Errorf("Apply after a stale Port listed %d times; want 2", v4.lists)
 		}
 	})
+}
+
+// TestGuardUnavailable: on a kernel without the socket match, Apply still
+// installs the redirect rules, warns once, and from then on leaves the
+// filter table alone.
+func TestGuardUnavailable(t *testing.T) {
+	n, v4, v6 := newFakeNAT(t)
+	var logs bytes.Buffer
+	n.log = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	v4.noSocket, v6.noSocket = true, true
+	clean := v4.dump()
+	if err := n.Apply("ns", []uint16{6000}, 4000); err != nil {
+		t.Fatalf("Apply without the socket match: %v", err)
+	}
+	for fam, f := range map[string]*fakeTables{"v4": v4, "v6": v6} {
+		if got := f.nat()[Chain]; len(got) != 1 || got[0] != redirectRule(6000, 4000) {
+			t.Errorf("%s: redirect rules %q", fam, got)
+		}
+		if _, ok := f.filter()[Chain]; ok || len(f.filter()["INPUT"]) != 0 {
+			t.Errorf("%s: filter table touched:\n%s", fam, f.dump())
+		}
+	}
+	// IPv4 tried both tables and then nat alone; IPv6, knowing, nat alone.
+	if v4.restores != 2 || v6.restores != 1 {
+		t.Errorf("restores: v4 %d, v6 %d; want 2 and 1", v4.restores, v6.restores)
+	}
+	if !n.noGuard.Load() {
+		t.Error("guard not marked unavailable")
+	}
+	if got := strings.Count(logs.String(), "level=WARN"); got != 1 ||
+		!strings.Contains(logs.String(), "connects during a daemon restart are refused instead of waiting for the next start") {
+		t.Errorf("want one warning naming the consequence; got\n%s", logs.String())
+	}
+
+	// Later Applies neither list nor write the filter table.
+	v4.lists, v4.restores = 0, 0
+	if err := n.Apply("ns", []uint16{6000, 6001}, 4000); err != nil {
+		t.Fatal(err)
+	}
+	if v4.lists != 1 || v4.restores != 1 || strings.Contains(v4.lastRestore, "*filter") {
+		t.Errorf("Apply after: %d lists %d restores, last input\n%s\nwant 1, 1 and nat only", v4.lists, v4.restores, v4.lastRestore)
+	}
+	// One that was under way when the first found out says so at debug
+	// level only.
+	n.guardUnavailable("ns2", fakeExitError{socketMissing})
+	if got := strings.Count(logs.String(), "level=WARN"); got != 1 {
+		t.Errorf("%d warnings; want 1", got)
+	}
+	if err := n.Clear("ns"); err != nil {
+		t.Fatal(err)
+	}
+	if got := v4.dump(); got != clean {
+		t.Errorf("after Clear got\n%s\nwant\n%s", got, clean)
+	}
+}
+
+// TestApplyOtherFailureKeepsGuard: a restore that fails for a reason other
+// than the socket match is an error, and the guard is not given up.
+func TestApplyOtherFailureKeepsGuard(t *testing.T) {
+	n, v4, _ := newFakeNAT(t)
+	v4.failRestore = "iptables-nft-restore: line 4 failed: No such file or directory"
+	if err := n.Apply("ns", []uint16{6000}, 4000); err == nil {
+		t.Error("Apply with a failing restore: no error")
+	}
+	if v4.restores != 1 {
+		t.Errorf("%d restores; want 1, no retry", v4.restores)
+	}
+	if n.noGuard.Load() {
+		t.Error("guard marked unavailable by an unrelated failure")
+	}
 }

@@ -9,90 +9,127 @@ import (
 	"testing"
 )
 
-// fakeTables is an in-memory nat table of one family in one namespace. It
-// understands the restore lines this package writes and the commands a
-// crashed run could have left, and applies each transaction all or nothing,
-// like the kernel.
+// fakeTables is the nat and filter tables of one family in one namespace,
+// in memory. It understands the restore lines this package writes and the
+// commands a crashed run could have left, and applies each table's section
+// of a restore all or nothing, stopping at the first that fails, like
+// iptables-restore.
 type fakeTables struct {
-	chains map[string][]string // chain -> rule specs; builtins always present
+	tables map[string]map[string][]string // table -> chain -> rule specs; builtins always present
 
 	lists, restores int    // calls, to check how many programs Apply runs
 	failList        bool   // every listing fails as if ip6tables nat were missing
+	noSocket        bool   // restores using -m socket fail as on a kernel without xt_socket
+	failRestore     string // if set, every restore fails with this message
 	lastRestore     string // input of the last Restore
 }
 
-var builtins = []string{"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"}
+var builtins = map[string][]string{
+	"nat":    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+	"filter": {"INPUT", "FORWARD", "OUTPUT"},
+}
 
 func newFakeTables() *fakeTables {
-	f := &fakeTables{chains: map[string][]string{}}
-	for _, b := range builtins {
-		f.chains[b] = nil
+	f := &fakeTables{tables: map[string]map[string][]string{}}
+	for tbl, chains := range builtins {
+		f.tables[tbl] = map[string][]string{}
+		for _, b := range chains {
+			f.tables[tbl][b] = nil
+		}
 	}
 	return f
 }
 
-// fakeExitError stands for *goiptables.Error: the program ran and failed.
+// nat and filter return the fake's chains of one table, to set up or
+// inspect.
+func (f *fakeTables) nat() map[string][]string    { return f.tables["nat"] }
+func (f *fakeTables) filter() map[string][]string { return f.tables["filter"] }
+
+// fakeExitError stands for *exec.ExitError: the program ran and failed.
 type fakeExitError struct{ msg string }
 
 func (e fakeExitError) Error() string   { return e.msg }
 func (e fakeExitError) ExitStatus() int { return 1 }
 
-func (f *fakeTables) List(tbl, chain string) ([]string, error) {
+func (f *fakeTables) ListTable(tbl string) ([]string, error) {
 	f.lists++
-	if f.failList || tbl != table {
-		return nil, fakeExitError{"can't initialize ip6tables table `nat': Table does not exist"}
-	}
-	rules, ok := f.chains[chain]
-	if !ok {
-		return nil, fakeExitError{fmt.Sprintf("chain `%s' in table `nat' is incompatible, use 'nft' tool.", chain)}
+	chains, ok := f.tables[tbl]
+	if f.failList || !ok {
+		return nil, fakeExitError{fmt.Sprintf("can't initialize ip6tables table `%s': Table does not exist", tbl)}
 	}
 	var out []string
-	if slices.Contains(builtins, chain) {
-		out = append(out, "-P "+chain+" ACCEPT")
-	} else {
-		out = append(out, "-N "+chain)
+	for _, c := range builtins[tbl] {
+		out = append(out, "-P "+c+" ACCEPT")
 	}
-	for _, r := range rules {
-		out = append(out, "-A "+chain+" "+r)
+	names := slices.Sorted(maps.Keys(chains))
+	for _, c := range names {
+		if !slices.Contains(builtins[tbl], c) {
+			out = append(out, "-N "+c)
+		}
+	}
+	// Rules in the order iptables -S prints chains: builtins first.
+	for _, c := range builtins[tbl] {
+		out = append(out, prefixed(c, chains[c])...)
+	}
+	for _, c := range names {
+		if !slices.Contains(builtins[tbl], c) {
+			out = append(out, prefixed(c, chains[c])...)
+		}
 	}
 	return out, nil
 }
 
-func (f *fakeTables) ListChains(tbl string) ([]string, error) {
-	f.lists++
-	if f.failList || tbl != table {
-		return nil, fakeExitError{"table does not exist"}
-	}
-	chains := slices.Clone(builtins)
-	for _, c := range slices.Sorted(maps.Keys(f.chains)) {
-		if !slices.Contains(builtins, c) {
-			chains = append(chains, c)
-		}
-	}
-	return chains, nil
-}
+// socketMissing is what iptables-nft-restore says on a kernel without
+// xt_socket.
+const socketMissing = "Warning: Extension socket revision 0 not supported, missing kernel module?\n" +
+	"iptables-nft-restore v1.8.9 (nf_tables): \nline 3: RULE_APPEND failed (No such file or directory): rule in chain CONNECTABLE"
 
 func (f *fakeTables) Restore(input string) error {
 	f.restores++
 	f.lastRestore = input
-	next := map[string][]string{}
-	for c, r := range f.chains {
-		next[c] = slices.Clone(r)
+	if f.failRestore != "" {
+		return fakeExitError{f.failRestore}
 	}
 	lines := strings.Split(strings.TrimSuffix(input, "\n"), "\n")
-	if len(lines) < 2 || lines[0] != "*nat" || lines[len(lines)-1] != "COMMIT" {
-		return fmt.Errorf("restore: malformed input %q", input)
+	for len(lines) > 0 {
+		tbl, ok := strings.CutPrefix(lines[0], "*")
+		end := slices.Index(lines, "COMMIT")
+		if !ok || end < 0 || f.tables[tbl] == nil {
+			return fmt.Errorf("restore: malformed input %q", input)
+		}
+		if err := f.commit(tbl, lines[1:end]); err != nil {
+			return err
+		}
+		lines = lines[end+1:]
 	}
-	for _, l := range lines[1 : len(lines)-1] {
+	return nil
+}
+
+// commit applies one table's section all or nothing.
+func (f *fakeTables) commit(tbl string, lines []string) error {
+	next := map[string][]string{}
+	for c, r := range f.tables[tbl] {
+		next[c] = slices.Clone(r)
+	}
+	for _, l := range lines {
+		if f.noSocket && strings.Contains(l, "-m socket") {
+			return fakeExitError{socketMissing}
+		}
 		if err := fakeCommand(next, l); err != nil {
 			return fmt.Errorf("restore: line %q: %w", l, err)
 		}
 	}
 	// The kernel refuses a jump to a missing chain.
-	if _, ok := next[Chain]; !ok && len(parseJumps(prefixed("OUTPUT", next["OUTPUT"]))) > 0 {
-		return fmt.Errorf("restore: OUTPUT jumps to missing chain %s", Chain)
+	if _, ok := next[Chain]; !ok {
+		for c, rs := range next {
+			for _, r := range rs {
+				if strings.HasSuffix(r, "-j "+Chain) || strings.HasSuffix(r, "-g "+Chain) {
+					return fmt.Errorf("restore: %s %s jumps to missing chain %s", tbl, c, Chain)
+				}
+			}
+		}
 	}
-	f.chains = next
+	f.tables[tbl] = next
 	return nil
 }
 
@@ -162,12 +199,16 @@ func prefixed(chain string, specs []string) []string {
 // dump renders the fake's state like iptables-save, for comparisons.
 func (f *fakeTables) dump() string {
 	var b strings.Builder
-	for _, c := range slices.Sorted(maps.Keys(f.chains)) {
-		fmt.Fprintf(&b, ":%s\n", c)
-	}
-	for _, c := range slices.Sorted(maps.Keys(f.chains)) {
-		for _, r := range f.chains[c] {
-			fmt.Fprintf(&b, "-A %s %s\n", c, r)
+	for _, tbl := range slices.Sorted(maps.Keys(f.tables)) {
+		chains := f.tables[tbl]
+		fmt.Fprintf(&b, "*%s\n", tbl)
+		for _, c := range slices.Sorted(maps.Keys(chains)) {
+			fmt.Fprintf(&b, ":%s\n", c)
+		}
+		for _, c := range slices.Sorted(maps.Keys(chains)) {
+			for _, r := range chains[c] {
+				fmt.Fprintf(&b, "-A %s %s\n", c, r)
+			}
 		}
 	}
 	return b.String()

@@ -1,5 +1,4 @@
-// Package iptables owns connectable's REDIRECT rules inside a network
-// namespace.
+// Package iptables owns connectable's rules inside a network namespace.
 //
 // In the namespace's nat table it keeps one chain of its own, Chain, jumped
 // to exactly once from OUTPUT, holding one rule per labelled port:
@@ -9,12 +8,31 @@
 //
 // so that a connection from inside the namespace to any of its own addresses
 // on port 6000 (127.0.0.1, ::1, its eth0 address) lands on connectable's
-// listener at P. IPv4 rules go through iptables, IPv6 ones through ip6tables.
+// listener at P.
 //
-// The rules are written with iptables-restore --noflush, one transaction per
-// family, so a namespace never sees a half-written chain; they are read with
-// go-iptables. Every program runs from a thread inside the target namespace
-// (netns.Do), since a child process inherits its thread's namespace.
+// In the filter table it keeps a chain of the same name, jumped to exactly
+// once from INPUT, that guards P while nothing listens there:
+//
+//	-A INPUT -j CONNECTABLE
+//	-A CONNECTABLE -i lo -p tcp -m tcp --dport P --tcp-flags FIN,SYN,RST,ACK SYN -m socket --nowildcard -m comment --comment connectable -j RETURN
+//	-A CONNECTABLE -i lo -p tcp -m tcp --dport P --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment connectable -j DROP
+//
+// The rules outlive the daemon, so that a restarted one (which finds P again
+// through Port) serves the same ports without touching them; but between
+// the old process's exit and the new one's listen, a redirected SYN finds
+// nothing on P and the kernel would answer it with a RST: the application's
+// connect would be refused. Dropped instead, the SYN is sent again by the
+// client's kernel after 1 s, 3 s, ..., and the connect lands on the next
+// daemon's listener. A SYN that finds the listener (-m socket) passes as
+// before. Kernels without the socket match get the nat rules only, with a
+// warning.
+//
+// IPv4 rules go through iptables, IPv6 ones through ip6tables. Each table is
+// read with one `iptables -t <table> -S` and written with iptables-restore
+// --noflush: one program run per family, with a section per table that the
+// kernel applies whole, so a namespace never sees a half-written chain.
+// Every program runs from a thread inside the target namespace (netns.Do),
+// since a child process inherits its thread's namespace.
 //
 // Typical usage:
 //
@@ -62,11 +80,14 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// tables is the part of *goiptables.IPTables this package calls, plus
-// Restore, which go-iptables lacks. Tests swap in an in-memory fake.
+// tables runs one family's iptables programs. Tests swap in an in-memory
+// fake.
 type tables interface {
-	List(table, chain string) ([]string, error)
-	ListChains(table string) ([]string, error)
+	// ListTable returns `iptables -t table -S`: the policies of the
+	// built-in chains, the other chains (-N), then every rule (-A). One run
+	// reads both a hook's jumps and Chain, which go-iptables, listing a
+	// chain at a time, would need two for.
+	ListTable(table string) ([]string, error)
 	// Restore runs iptables-restore --noflush with input.
 	Restore(input string) error
 }
@@ -82,6 +103,9 @@ type NAT struct {
 	do func(path string, fn func() error) error
 
 	v6Warned atomic.Bool
+	// noGuard is set once a restore showed the kernel lacks the socket
+	// match: from then on only the nat part is read and written.
+	noGuard atomic.Bool
 
 	// reads holds what Port listed, by namespace path, for the Apply that
 	// follows it on the same namespace; see Port.
@@ -92,8 +116,14 @@ type NAT struct {
 // portRead is one namespace's listings, as Port read them.
 type portRead struct {
 	at time.Time
-	v4 state
-	v6 *state // nil when Port did not list IPv6
+	v4 family
+	v6 *family // nil when Port did not list IPv6
+}
+
+// family is what one family's tables hold of ours.
+type family struct {
+	redirect state // nat
+	guard    state // filter; zero when the guard is unavailable
 }
 
 // readReuse bounds how old Port's listings may be for Apply to trust them:
@@ -143,9 +173,11 @@ func New(cfg Config) (*NAT, error) {
 	return n, nil
 }
 
-// newTables builds the go-iptables handle for one family. go-iptables runs
-// `<binary> --version` here; that answer does not depend on the namespace,
-// but it runs inside one like every other exec of this package.
+// newTables finds one family's programs and checks, through go-iptables
+// (which runs `<binary> --version`), that the iptables one works, so a
+// broken install fails New rather than every Apply. The answer does not
+// depend on the namespace, but the check runs inside one like every other
+// exec of this package.
 func (n *NAT) newTables(hostNS string, proto goiptables.Protocol, bin, restore string) (tables, error) {
 	binPath, err := lookPath(bin)
 	if err != nil {
@@ -155,27 +187,32 @@ func (n *NAT) newTables(hostNS string, proto goiptables.Protocol, bin, restore s
 	if err != nil {
 		return nil, err
 	}
-	var ipt *goiptables.IPTables
-	err = n.do(hostNS, func() (err error) {
-		ipt, err = goiptables.New(goiptables.IPFamily(proto), goiptables.Path(binPath), goiptables.Timeout(lockWait))
+	err = n.do(hostNS, func() error {
+		_, err := goiptables.New(goiptables.IPFamily(proto), goiptables.Path(binPath), goiptables.Timeout(lockWait))
 		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("running %s --version: %w", binPath, err)
 	}
-	return execTables{IPTables: ipt, restore: restorePath}, nil
+	return execTables{bin: binPath, restore: restorePath}, nil
 }
 
 // Backend returns the backend in use: "nft" or "legacy".
 func (n *NAT) Backend() string { return n.backend }
 
 // Apply makes the rules in the network namespace at netnsPath exactly one
-// jump from OUTPUT to Chain and, in Chain, one REDIRECT rule per port to
-// toPort, for IPv4 and, where the namespace's ip6tables nat table works, for
-// IPv6. It converges from any start: no chain, stale rules, duplicated jumps,
-// another toPort, the leftovers of a crashed run. A namespace already in the
-// desired state costs two listings per family and no write. No ports at all
-// means Clear.
+// jump from nat OUTPUT to Chain and, in that Chain, one REDIRECT rule per
+// port to toPort; and one jump from filter INPUT to Chain and, in that
+// Chain, the two rules that guard toPort (see the package doc). It does so
+// for IPv4 and, where the namespace's ip6tables nat table works, for IPv6.
+// It converges from any start: no chain, stale rules, duplicated jumps,
+// another toPort, the leftovers of a crashed run. A namespace already in
+// the desired state costs two listings per family (one per table) and no
+// write; anything else adds one iptables-restore per family. No ports at
+// all means Clear.
+//
+// Where the kernel lacks the socket match the guard cannot be had: Apply
+// then writes the nat part alone, logs that once per process, and succeeds.
 func (n *NAT) Apply(netnsPath string, ports []uint16, toPort uint16) error {
 	want, err := redirectRules(ports, toPort)
 	if err != nil {
@@ -184,6 +221,7 @@ func (n *NAT) Apply(netnsPath string, ports []uint16, toPort uint16) error {
 	if len(want) == 0 {
 		return n.Clear(netnsPath)
 	}
+	guard := guardRules(toPort)
 	prev, havePrev := n.takeRead(netnsPath)
 	st := prev.v4
 	if !havePrev {
@@ -191,7 +229,7 @@ func (n *NAT) Apply(netnsPath string, ports []uint16, toPort uint16) error {
 			return fmt.Errorf("applying ipv4 redirect rules in %s: %w", netnsPath, err)
 		}
 	}
-	if err := n.restore(netnsPath, n.v4, applyCommands(st, want)); err != nil {
+	if err := n.write(netnsPath, n.v4, st, want, guard); err != nil {
 		return fmt.Errorf("applying ipv4 redirect rules in %s: %w", netnsPath, err)
 	}
 	if n.v6 == nil {
@@ -202,14 +240,57 @@ func (n *NAT) Apply(netnsPath string, ports []uint16, toPort uint16) error {
 	} else if st, err = n.read(netnsPath, n.v6); err != nil {
 		return n.v6Unusable(netnsPath, "applying ipv6 redirect rules", err)
 	}
-	if err := n.restore(netnsPath, n.v6, applyCommands(st, want)); err != nil {
+	if err := n.write(netnsPath, n.v6, st, want, guard); err != nil {
 		return fmt.Errorf("applying ipv6 redirect rules in %s: %w", netnsPath, err)
 	}
 	return nil
 }
 
-// Clear removes every jump to Chain and Chain itself from the network
-// namespace at netnsPath, both families. Nothing to remove is success.
+// write turns one family's st into want in nat and guard in filter, in one
+// iptables-restore run. The filter section comes first: the guard is then
+// in place before anything is redirected to its port, and when it is the
+// section that fails, nothing of the input was applied and the nat section
+// alone can be tried again.
+func (n *NAT) write(path string, t tables, st family, want, guard []string) error {
+	nat := section{redirectPart.table, applyCommands(redirectPart, st.redirect, want)}
+	if n.noGuard.Load() {
+		return n.restore(path, t, nat)
+	}
+	filter := section{guardPart.table, applyCommands(guardPart, st.guard, guard)}
+	err := n.restore(path, t, filter, nat)
+	if err == nil || len(filter.lines) == 0 || !lacksSocketMatch(err) {
+		return err
+	}
+	n.guardUnavailable(path, err)
+	return n.restore(path, t, nat)
+}
+
+// lacksSocketMatch reports whether a failed restore names the socket match
+// as the culprit: "Couldn't load match `socket'" where the userspace
+// extension is missing, "Extension socket revision 0 not supported" (then,
+// with nft, "RULE_APPEND failed (No such file or directory)") where the
+// kernel lacks xt_socket.
+func lacksSocketMatch(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "match `socket'") || strings.Contains(msg, "Extension socket ")
+}
+
+// guardUnavailable remembers that the kernel cannot run the guard and says
+// so: once per process at warning level, later at debug level (Applies
+// that were already under way when the first one found out).
+func (n *NAT) guardUnavailable(path string, err error) {
+	level := slog.LevelDebug
+	if !n.noGuard.Swap(true) {
+		level = slog.LevelWarn
+	}
+	n.log.Log(context.Background(), level,
+		"kernel lacks the socket match (xt_socket), redirect rules only: connects during a daemon restart are refused instead of waiting for the next start",
+		"netns", path, "err", err)
+}
+
+// Clear removes every jump to Chain and Chain itself, in nat and in filter,
+// from the network namespace at netnsPath, both families. Nothing to remove
+// is success.
 //
 // A namespace that no longer exists (its container is gone) took its rules
 // with it, so that is success too; for a netns.Handle's name that means a
@@ -236,29 +317,16 @@ func (n *NAT) Clear(netnsPath string) error {
 	return nil
 }
 
+// clear empties one family in one iptables-restore run, nat first: nothing
+// is redirected to the guarded port any more by the time the guard goes.
 func (n *NAT) clear(path string, t tables) error {
-	var listing []string
-	if err := n.do(path, func() (err error) {
-		listing, err = t.List(table, output)
-		return err
-	}); err != nil {
-		return listErr{fmt.Errorf("listing %s %s: %w", table, output, err)}
+	st, err := n.read(path, t)
+	if err != nil {
+		return listErr{err}
 	}
-	jumps := parseJumps(listing)
-	exists := len(jumps) > 0
-	if !exists {
-		// A chain nobody jumps to may still be ours, from a run that died
-		// half-way or an earlier version.
-		var chains []string
-		if err := n.do(path, func() (err error) {
-			chains, err = t.ListChains(table)
-			return err
-		}); err != nil {
-			return listErr{fmt.Errorf("listing %s chains: %w", table, err)}
-		}
-		exists = hasChain(chains)
-	}
-	return n.restore(path, t, clearCommands(jumps, exists))
+	return n.restore(path, t,
+		section{redirectPart.table, clearCommands(redirectPart, st.redirect)},
+		section{guardPart.table, clearCommands(guardPart, st.guard)})
 }
 
 // Port returns the port the existing rules in the network namespace at
@@ -267,8 +335,9 @@ func (n *NAT) clear(path string, t tables) error {
 // working in the meantime. IPv4 rules are asked first, then IPv6 ones.
 //
 // The first Apply to the same namespace within a second reuses what Port
-// listed instead of listing again: a new namespace then costs two iptables
-// runs fewer, about a third of its set-up (BenchmarkSetUpOne against
+// listed instead of listing again: Port therefore lists the filter table
+// too, which it does not need itself, and a new namespace then costs up to
+// four iptables runs fewer (BenchmarkSetUpOne against
 // BenchmarkSetUpOneNoReuse). This is a contract: between Port and that
 // Apply, nothing may change the namespace's rules, and only Clear (which
 // drops the reading) may be called for it. The proxy keeps it by holding
@@ -281,7 +350,7 @@ func (n *NAT) Port(netnsPath string) (uint16, error) {
 		return 0, fmt.Errorf("reading ipv4 redirect rules in %s: %w", netnsPath, err)
 	}
 	r := portRead{v4: st}
-	if p := toPortOf(st.rules); p != 0 || n.v6 == nil {
+	if p := st.redirect.port(); p != 0 || n.v6 == nil {
 		n.keepRead(netnsPath, r)
 		return p, nil
 	}
@@ -294,7 +363,7 @@ func (n *NAT) Port(netnsPath string) (uint16, error) {
 	}
 	r.v6 = &st6
 	n.keepRead(netnsPath, r)
-	return toPortOf(st6.rules), nil
+	return st6.redirect.port(), nil
 }
 
 func (n *NAT) keepRead(path string, r portRead) {
@@ -329,40 +398,38 @@ func (n *NAT) takeRead(netnsPath string) (portRead, bool) {
 	return r, time.Since(r.at) < readReuse
 }
 
-// read lists what one family holds of ours: the jumps in OUTPUT and, when
-// there is one, Chain's rules. A missing chain is only listed if a jump
-// proves it exists, because iptables-nft reports a missing chain with the
-// same exit status and a misleading message ("incompatible").
-func (n *NAT) read(path string, t tables) (state, error) {
-	var st state
+// read lists what one family holds of ours: one listing of the nat table
+// and, unless the guard is known to be unavailable, one of the filter table.
+func (n *NAT) read(path string, t tables) (family, error) {
+	var st family
 	var listing []string
 	if err := n.do(path, func() (err error) {
-		listing, err = t.List(table, output)
+		listing, err = t.ListTable(redirectPart.table)
 		return err
 	}); err != nil {
-		return st, fmt.Errorf("listing %s %s: %w", table, output, err)
+		return st, fmt.Errorf("listing table %s: %w", redirectPart.table, err)
 	}
-	st.jumps = parseJumps(listing)
-	if len(st.jumps) == 0 {
+	st.redirect = parseTable(redirectPart, listing)
+	if n.noGuard.Load() {
 		return st, nil
 	}
 	if err := n.do(path, func() (err error) {
-		listing, err = t.List(table, Chain)
+		listing, err = t.ListTable(guardPart.table)
 		return err
 	}); err != nil {
-		return st, fmt.Errorf("listing %s %s: %w", table, Chain, err)
+		return st, fmt.Errorf("listing table %s: %w", guardPart.table, err)
 	}
-	st.listed = true
-	st.rules = parseChain(listing)
+	st.guard = parseTable(guardPart, listing)
 	return st, nil
 }
 
-// restore runs one iptables-restore transaction, or nothing for no lines.
-func (n *NAT) restore(path string, t tables, lines []string) error {
-	if len(lines) == 0 {
+// restore runs one iptables-restore with the sections, or nothing when they
+// hold no lines.
+func (n *NAT) restore(path string, t tables, sections ...section) error {
+	input := restoreInput(sections...)
+	if input == "" {
 		return nil
 	}
-	input := restoreInput(lines)
 	return n.do(path, func() error { return t.Restore(input) })
 }
 
@@ -384,10 +451,13 @@ func (n *NAT) v6Unusable(path, doing string, err error) error {
 }
 
 // ranAndFailed reports whether err comes from a program that ran and exited
-// non-zero (a *goiptables.Error), rather than from entering the namespace or
-// starting the program.
+// non-zero, rather than from entering the namespace or starting the
+// program.
 func ranAndFailed(err error) bool {
-	var e interface{ ExitStatus() int }
+	if errors.As(err, new(*exec.ExitError)) {
+		return true
+	}
+	var e interface{ ExitStatus() int } // the tests' fake
 	return errors.As(err, &e)
 }
 
@@ -398,11 +468,21 @@ func (e listErr) Unwrap() error { return e.error }
 
 func isListErr(err error) bool { return errors.As(err, new(listErr)) }
 
-// execTables is the real tables: go-iptables for listings, the matching
-// iptables-restore program for writes.
+// execTables is the real tables: the backend's iptables program for
+// listings, the matching iptables-restore for writes.
 type execTables struct {
-	*goiptables.IPTables
-	restore string
+	bin, restore string
+}
+
+func (t execTables) ListTable(table string) ([]string, error) {
+	// --wait: legacy iptables takes the host-wide xtables lock to list too.
+	cmd := exec.Command(t.bin, "--wait", strconv.Itoa(lockWait), "-t", table, "-S")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("running %s -t %s -S: %w: %s", t.bin, table, err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	return strings.Split(strings.TrimSuffix(stdout.String(), "\n"), "\n"), nil
 }
 
 func (t execTables) Restore(input string) error {

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -237,14 +238,37 @@ func save(t *testing.T, ns, backend string) string {
 
 var counters = regexp.MustCompile(`\[\d+:\d+\]`)
 
-// ours returns the lines of a save that mention our chain or comment.
+// ours returns the lines of a save that mention our chain or comment: per
+// program its "==" header, then, per table that has any, "*table" and
+// those lines. Tables come in a fixed order (filter, nat), since the save
+// programs print them in an order that depends on the backend and on which
+// table a namespace used first.
 func ours(save string) []string {
 	var out []string
+	byTable := map[string][]string{}
+	flush := func() {
+		for _, tbl := range []string{"filter", "nat"} {
+			if len(byTable[tbl]) > 0 {
+				out = append(out, "*"+tbl)
+				out = append(out, byTable[tbl]...)
+			}
+		}
+		clear(byTable)
+	}
+	tbl := ""
 	for line := range strings.Lines(save) {
-		if strings.Contains(line, iptables.Chain) || strings.Contains(line, "connectable") || strings.HasPrefix(line, "==") {
-			out = append(out, strings.TrimSpace(line))
+		line = strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "=="):
+			flush()
+			out = append(out, line)
+		case strings.HasPrefix(line, "*"):
+			tbl = line[1:]
+		case strings.Contains(line, iptables.Chain) || strings.Contains(line, "connectable"):
+			byTable[tbl] = append(byTable[tbl], line)
 		}
 	}
+	flush()
 	return out
 }
 
@@ -252,7 +276,11 @@ func ours(save string) []string {
 func wantOurs(backend string, toPort uint16, ports ...uint16) []string {
 	var out []string
 	for _, fam := range []string{"iptables", "ip6tables"} {
-		out = append(out, "== "+fam+"-"+backend+"-save", ":CONNECTABLE - []", "-A OUTPUT -j CONNECTABLE")
+		out = append(out, "== "+fam+"-"+backend+"-save", "*filter", ":CONNECTABLE - []", "-A INPUT -j CONNECTABLE")
+		for _, verdict := range []string{"-m socket --nowildcard -m comment --comment connectable -j RETURN", "-m comment --comment connectable -j DROP"} {
+			out = append(out, fmt.Sprintf("-A CONNECTABLE -i lo -p tcp -m tcp --dport %d --tcp-flags FIN,SYN,RST,ACK SYN %s", toPort, verdict))
+		}
+		out = append(out, "*nat", ":CONNECTABLE - []", "-A OUTPUT -j CONNECTABLE")
 		for _, p := range ports {
 			out = append(out, fmt.Sprintf("-A CONNECTABLE -p tcp -m addrtype --dst-type LOCAL -m tcp --dport %d -m comment --comment connectable -j REDIRECT --to-ports %d", p, toPort))
 		}
@@ -323,6 +351,18 @@ func TestClearLeavesNoTrace(t *testing.T) {
 		if err := nat.Clear(ns); err != nil {
 			t.Fatalf("second Clear: %v", err)
 		}
+		// A filter chain nobody jumps to (a run that died half-way) is ours
+		// too.
+		for _, prog := range []string{"iptables-" + backend, "ip6tables-" + backend} {
+			testenv.Exec(t, ns, prog, "-t", "filter", "-N", iptables.Chain)
+			testenv.Exec(t, ns, prog, "-t", "filter", "-A", iptables.Chain, "-p", "tcp", "-j", "DROP")
+		}
+		if err := nat.Clear(ns); err != nil {
+			t.Fatalf("Clear of a lone filter chain: %v", err)
+		}
+		if after := save(t, ns, backend); len(ours(after)) != 2 || strings.Contains(after, "-A ") {
+			t.Errorf("Clear of a lone filter chain left\n%s", after)
+		}
 		gone := "/var/run/netns/" + testenv.RandomName("cnt-gone-")
 		if err := nat.Clear(gone); err != nil {
 			t.Errorf("Clear of a namespace that is gone: %v", err)
@@ -336,26 +376,58 @@ func TestClearLeavesNoTrace(t *testing.T) {
 func TestApplyRepairsCrashLeftovers(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, backend string) {
 		nat := newNAT(t, backend)
+		// Each command is run as is, with "PORT" replaced, by iptables and
+		// by ip6tables.
+		guard := func(port string) [][]string {
+			syn := []string{"-i", "lo", "-p", "tcp", "--dport", port, "--tcp-flags", "SYN,ACK,RST,FIN", "SYN"}
+			tag := []string{"-m", "comment", "--comment", "connectable"}
+			return [][]string{
+				slices.Concat([]string{"-t", "filter", "-A", "CONNECTABLE"}, syn, []string{"-m", "socket", "--nowildcard"}, tag, []string{"-j", "RETURN"}),
+				slices.Concat([]string{"-t", "filter", "-A", "CONNECTABLE"}, syn, tag, []string{"-j", "DROP"}),
+			}
+		}
 		leftovers := map[string][][]string{
-			"duplicated jumps, stale rules, old port": {
-				{"-N", "CONNECTABLE"},
-				{"-A", "CONNECTABLE", "-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", "6000", "-m", "comment", "--comment", "connectable", "-j", "REDIRECT", "--to-ports", "39999"},
-				{"-A", "CONNECTABLE", "-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", "7777", "-m", "comment", "--comment", "connectable", "-j", "REDIRECT", "--to-ports", "39999"},
-				{"-A", "CONNECTABLE", "-p", "tcp", "--dport", "6000", "-j", "REDIRECT", "--to-ports", "39999"},
-				{"-A", "OUTPUT", "-j", "CONNECTABLE"},
-				{"-A", "OUTPUT", "-p", "tcp", "-j", "CONNECTABLE"},
-				{"-A", "OUTPUT", "-j", "CONNECTABLE"},
+			"duplicated jumps, stale rules, old port": slices.Concat([][]string{
+				{"-t", "nat", "-N", "CONNECTABLE"},
+				{"-t", "nat", "-A", "CONNECTABLE", "-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", "6000", "-m", "comment", "--comment", "connectable", "-j", "REDIRECT", "--to-ports", "39999"},
+				{"-t", "nat", "-A", "CONNECTABLE", "-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", "7777", "-m", "comment", "--comment", "connectable", "-j", "REDIRECT", "--to-ports", "39999"},
+				{"-t", "nat", "-A", "CONNECTABLE", "-p", "tcp", "--dport", "6000", "-j", "REDIRECT", "--to-ports", "39999"},
+				{"-t", "nat", "-A", "OUTPUT", "-j", "CONNECTABLE"},
+				{"-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "CONNECTABLE"},
+				{"-t", "nat", "-A", "OUTPUT", "-j", "CONNECTABLE"},
+				{"-t", "filter", "-N", "CONNECTABLE"},
+			}, guard("39999"), [][]string{
+				{"-t", "filter", "-A", "CONNECTABLE", "-p", "udp", "-j", "ACCEPT"},
+				{"-t", "filter", "-A", "INPUT", "-j", "CONNECTABLE"},
+				{"-t", "filter", "-A", "INPUT", "-i", "lo", "-j", "CONNECTABLE"},
+				{"-t", "filter", "-A", "INPUT", "-j", "CONNECTABLE"},
+			}),
+			"chains without jumps": {
+				{"-t", "nat", "-N", "CONNECTABLE"},
+				{"-t", "nat", "-A", "CONNECTABLE", "-p", "tcp", "--dport", "7777", "-j", "REDIRECT", "--to-ports", "39999"},
+				{"-t", "filter", "-N", "CONNECTABLE"},
+				{"-t", "filter", "-A", "CONNECTABLE", "-p", "tcp", "--dport", "7777", "-j", "DROP"},
 			},
-			"chain without jump": {
-				{"-N", "CONNECTABLE"},
-				{"-A", "CONNECTABLE", "-p", "tcp", "--dport", "7777", "-j", "REDIRECT", "--to-ports", "39999"},
+			"right rules, duplicated jumps": slices.Concat([][]string{
+				{"-t", "nat", "-N", "CONNECTABLE"},
+				{"-t", "nat", "-A", "CONNECTABLE", "-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", "6000", "-m", "comment", "--comment", "connectable", "-j", "REDIRECT", "--to-ports", "PORT"},
+				{"-t", "nat", "-A", "OUTPUT", "-j", "CONNECTABLE"},
+				{"-t", "nat", "-I", "OUTPUT", "1", "-j", "CONNECTABLE"},
+				{"-t", "filter", "-N", "CONNECTABLE"},
+			}, guard("PORT"), [][]string{
+				{"-t", "filter", "-A", "INPUT", "-j", "CONNECTABLE"},
+				{"-t", "filter", "-I", "INPUT", "1", "-j", "CONNECTABLE"},
+			}),
+			"nat only, as an earlier version left it": {
+				{"-t", "nat", "-N", "CONNECTABLE"},
+				{"-t", "nat", "-A", "CONNECTABLE", "-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", "6000", "-m", "comment", "--comment", "connectable", "-j", "REDIRECT", "--to-ports", "PORT"},
+				{"-t", "nat", "-A", "OUTPUT", "-j", "CONNECTABLE"},
 			},
-			"right rules, duplicated jump": {
-				{"-N", "CONNECTABLE"},
-				{"-A", "CONNECTABLE", "-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "--dport", "6000", "-m", "comment", "--comment", "connectable", "-j", "REDIRECT", "--to-ports", "PORT"},
-				{"-A", "OUTPUT", "-j", "CONNECTABLE"},
-				{"-I", "OUTPUT", "1", "-j", "CONNECTABLE"},
-			},
+			"guard only, half written": slices.Concat([][]string{
+				{"-t", "filter", "-N", "CONNECTABLE"},
+			}, guard("PORT")[:1], [][]string{
+				{"-t", "filter", "-A", "INPUT", "-j", "CONNECTABLE"},
+			}),
 		}
 		for name, cmds := range leftovers {
 			t.Run(name, func(t *testing.T) {
@@ -367,7 +439,7 @@ func TestApplyRepairsCrashLeftovers(t *testing.T) {
 						for i := range args {
 							args[i] = strings.ReplaceAll(args[i], "PORT", strconv.Itoa(int(stub.port)))
 						}
-						testenv.Exec(t, ns, prog, append([]string{"-t", "nat"}, args...)...)
+						testenv.Exec(t, ns, prog, args...)
 					}
 				}
 				if err := nat.Apply(ns, []uint16{6000}, stub.port); err != nil {
@@ -390,6 +462,139 @@ func TestApplyRepairsCrashLeftovers(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestGuardHoldsConnectsWhileNothingListens is the restart window: the
+// rules stay while no daemon listens on their port. A connect to a labelled
+// port then waits (its SYN is dropped) instead of being refused, and lands
+// once a listener appears, at the client's SYN retransmit.
+func TestGuardHoldsConnectsWhileNothingListens(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, backend string) {
+		ns := newNetNS(t)
+		nat := newNAT(t, backend)
+		v4, v6, err := netns.Listen(ns, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := uint16(v4.Addr().(*net.TCPAddr).Port)
+		v4.Close()
+		addrs := []string{"127.0.0.1:6000"}
+		if v6 != nil {
+			v6.Close()
+			addrs = append(addrs, "[::1]:6000")
+		}
+		if err := nat.Apply(ns, []uint16{6000}, port); err != nil {
+			t.Fatalf("Apply: %v", err)
+		}
+
+		// Nothing on port: each connect is still pending when it gives up.
+		for addr, err := range dialAll(t, ns, addrs, 300*time.Millisecond) {
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() {
+				t.Errorf("%s with nothing listening: %v; want a timeout (the SYN dropped, not refused)", addr, err)
+			}
+		}
+
+		// A listener on port: connects pass the guard.
+		closeLn := listenAt(t, ns, port)
+		for addr, err := range dialAll(t, ns, addrs, 5*time.Second) {
+			if err != nil {
+				t.Errorf("%s with a listener: %v", addr, err)
+			}
+		}
+		closeLn()
+
+		// The restart: connects that start while nothing listens land on
+		// the listener that appears later.
+		done := make(chan map[string]error)
+		go func() { done <- dialAll(t, ns, addrs, 5*time.Second) }()
+		time.Sleep(300 * time.Millisecond)
+		start := time.Now()
+		closeLn = listenAt(t, ns, port)
+		for addr, err := range <-done {
+			if err != nil {
+				t.Errorf("%s with a listener opened 300ms later: %v", addr, err)
+			}
+		}
+		t.Logf("pending connects landed %v after the listener opened", time.Since(start).Round(time.Millisecond))
+		closeLn()
+
+		// It is the guard that holds them: without it, refused at once.
+		for _, prog := range []string{"iptables-" + backend, "ip6tables-" + backend} {
+			testenv.Exec(t, ns, prog, "-t", "filter", "-F", iptables.Chain)
+		}
+		for addr, err := range dialAll(t, ns, addrs, 300*time.Millisecond) {
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("%s without the guard: %v; want ECONNREFUSED", addr, err)
+			}
+		}
+		if err := nat.Apply(ns, []uint16{6000}, port); err != nil {
+			t.Fatalf("Apply: %v", err)
+		}
+		if got, want := ours(save(t, ns, backend)), wantOurs(backend, port, 6000); !slices.Equal(got, want) {
+			t.Errorf("Apply did not restore the guard: got\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+
+		// Cleared: nothing of ours is left, and a connect to 6000 with
+		// nothing on 6000 is refused at once, as without connectable.
+		if err := nat.Clear(ns); err != nil {
+			t.Fatalf("Clear: %v", err)
+		}
+		if after := save(t, ns, backend); len(ours(after)) != 2 {
+			t.Errorf("Clear left\n%s", after)
+		}
+		for addr, err := range dialAll(t, ns, addrs, 300*time.Millisecond) {
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("%s after Clear: %v; want ECONNREFUSED", addr, err)
+			}
+		}
+	})
+}
+
+// dialAll connects from inside ns to every addr at once, each within
+// timeout, closes what connected, and returns each dial's error.
+func dialAll(t *testing.T, ns string, addrs []string, timeout time.Duration) map[string]error {
+	var mu sync.Mutex
+	errs := make(map[string]error)
+	var wg sync.WaitGroup
+	for _, addr := range addrs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var c net.Conn
+			err := netns.Do(ns, func() (err error) {
+				c, err = net.DialTimeout("tcp", addr, timeout)
+				return err
+			})
+			if c != nil {
+				c.Close()
+			}
+			mu.Lock()
+			errs[addr] = err
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	return errs
+}
+
+// listenAt listens on port at 127.0.0.1 and, where ns has it, ::1 inside
+// ns, accepting nothing: the kernel completes connects without accept. The
+// returned function closes both; the test's end does too.
+func listenAt(t *testing.T, ns string, port uint16) func() {
+	t.Helper()
+	v4, v6, err := netns.Listen(ns, port)
+	if err != nil {
+		t.Fatalf("netns.Listen(%d): %v", port, err)
+	}
+	closeAll := func() {
+		v4.Close()
+		if v6 != nil {
+			v6.Close()
+		}
+	}
+	t.Cleanup(closeAll)
+	return closeAll
 }
 
 func TestIPv6DisabledNamespace(t *testing.T) {

@@ -7,21 +7,33 @@ import (
 	"strings"
 )
 
-// Chain is the name of connectable's own chain in the nat table. It never
-// changes: a renamed chain would strand the rules of an earlier version.
+// Chain is the name of connectable's own chain, in the nat table and in the
+// filter table alike: chains belong to a table, so the two do not clash, and
+// a human reading iptables-save finds everything of ours under one name. It
+// never changes: a renamed chain would strand the rules of an earlier
+// version.
 const Chain = "CONNECTABLE"
 
-// comment tags every redirect rule, so a human reading iptables-save knows
+// comment tags every rule in Chain, so a human reading iptables-save knows
 // whose it is.
 const comment = "connectable"
 
-const (
-	table  = "nat"
-	output = "OUTPUT"
+// part is one table's share of our rules: Chain in table, jumped to from the
+// built-in chain hook.
+type part struct{ table, hook string }
+
+var (
+	// redirectPart holds the REDIRECT rules. OUTPUT, because the
+	// connections to redirect start inside the namespace.
+	redirectPart = part{table: "nat", hook: "OUTPUT"}
+	// guardPart holds the rules that drop a SYN to the relay's port while
+	// nothing listens there; see guardRules. INPUT, because the redirected
+	// SYN arrives there, on lo, addressed to the relay's port.
+	guardPart = part{table: "filter", hook: "INPUT"}
 )
 
-// jumpSpec is the one rule in OUTPUT that sends locally generated packets
-// through Chain.
+// jumpSpec is the one rule in a part's hook that sends packets through
+// Chain.
 const jumpSpec = "-j " + Chain
 
 // redirectRule is the rule for one labelled port, spelled exactly as
@@ -56,59 +68,73 @@ func redirectRules(ports []uint16, toPort uint16) ([]string, error) {
 	return rules, nil
 }
 
-// state is what one family's nat table holds that concerns us, read from
-// `iptables -S` listings. Specs are rules without their "-A <chain> " prefix.
-type state struct {
-	jumps []string // rules in OUTPUT whose target is Chain, in order
-	// listed says whether rules holds Chain's listing. Apply lists the chain
-	// only when a jump proves it exists: iptables-nft cannot tell a missing
-	// chain from a foreign one by exit status.
-	listed bool
-	rules  []string
+// guardRules returns the filter table's Chain for toPort: a SYN on lo to
+// toPort that finds a listener (--nowildcard: the relay binds 127.0.0.1 and
+// ::1, not a wildcard) goes on as usual; one that finds none is dropped
+// rather than answered with a RST, so the client's kernel sends it again
+// (after 1 s, 3 s, ...) and the connect lands on the listener of the next
+// daemon instead of being refused. Spelled as `iptables -S` prints them
+// back, checked on iptables 1.8.9, nft and legacy, both families: the
+// implicit "-m tcp" explicit, the flags in the kernel's order.
+func guardRules(toPort uint16) []string {
+	syn := fmt.Sprintf("-i lo -p tcp -m tcp --dport %d --tcp-flags FIN,SYN,RST,ACK SYN", toPort)
+	return []string{
+		syn + " -m socket --nowildcard -m comment --comment " + comment + " -j RETURN",
+		syn + " -m comment --comment " + comment + " -j DROP",
+	}
 }
 
-// parseJumps returns the specs of the rules in an `-S OUTPUT` listing that
-// jump (or go) to Chain.
-func parseJumps(listing []string) []string {
-	var jumps []string
+// state is what one family's table holds that concerns one part, read from
+// an `iptables -t <table> -S` listing. Specs are rules without their
+// "-A <chain> " prefix.
+type state struct {
+	jumps  []string // rules in the part's hook whose target is Chain, in order
+	exists bool     // the table has Chain, jumped to or not
+	rules  []string // Chain's rules
+}
+
+// parseTable picks p's state out of an `iptables -t <table> -S` listing.
+func parseTable(p part, listing []string) state {
+	var st state
 	for _, line := range listing {
-		spec, ok := strings.CutPrefix(line, "-A "+output+" ")
+		if line == "-N "+Chain {
+			st.exists = true
+			continue
+		}
+		if spec, ok := strings.CutPrefix(line, "-A "+Chain+" "); ok {
+			st.rules = append(st.rules, spec)
+			continue
+		}
+		spec, ok := strings.CutPrefix(line, "-A "+p.hook+" ")
 		if !ok {
 			continue
 		}
 		f := fields(spec)
 		for i := 0; i+1 < len(f); i++ {
 			if (f[i] == "-j" || f[i] == "-g") && f[i+1] == Chain {
-				jumps = append(jumps, spec)
+				st.jumps = append(st.jumps, spec)
 				break
 			}
 		}
 	}
-	return jumps
+	return st
 }
 
-// parseChain returns the rule specs of an `-S CONNECTABLE` listing.
-func parseChain(listing []string) []string {
-	var rules []string
-	for _, line := range listing {
-		if spec, ok := strings.CutPrefix(line, "-A "+Chain+" "); ok {
-			rules = append(rules, spec)
-		}
+// port returns the port the REDIRECT rules of a nat state send to, or 0.
+// Rules in a chain nobody jumps to redirect nothing, so they name no port.
+func (st state) port() uint16 {
+	if len(st.jumps) == 0 {
+		return 0
 	}
-	return rules
+	return toPortOf(st.rules)
 }
 
-// hasChain reports whether a ListChains answer names Chain.
-func hasChain(chains []string) bool {
-	return slices.Contains(chains, Chain)
-}
-
-// applyCommands returns the iptables-restore lines (for the nat table, run
-// with --noflush) that turn st into exactly one jump plus want, or nil when
-// st is already there. Lines that delete rules come only when something is
-// stale: with nf_tables every deletion waits for an RCU grace period, so
-// the common cases (fresh namespace, ports added) never delete.
-func applyCommands(st state, want []string) []string {
+// applyCommands returns the iptables-restore lines (for p's table, run with
+// --noflush) that turn st into exactly one jump from p's hook plus want, or
+// nil when st is already there. Lines that delete rules come only when
+// something is stale: with nf_tables every deletion waits for an RCU grace
+// period, so the common cases (fresh namespace, ports added) never delete.
+func applyCommands(p part, st state, want []string) []string {
 	var cmds []string
 	keep := false
 	for _, j := range st.jumps {
@@ -116,36 +142,36 @@ func applyCommands(st state, want []string) []string {
 			keep = true
 			continue
 		}
-		cmds = append(cmds, "-D "+output+" "+j)
+		cmds = append(cmds, "-D "+p.hook+" "+j)
 	}
 	switch {
-	case !st.listed:
-		// No jump, so no listing: the chain may still be there (a run that
-		// died between creating it and jumping to it, or a hand-made one).
-		// Declaring it creates it or flushes it, either way empty.
+	case !st.exists:
 		cmds = append(cmds, declare())
 		cmds = appendRules(cmds, want)
 	case slices.Equal(st.rules, want):
 	case len(st.rules) < len(want) && slices.Equal(st.rules, want[:len(st.rules)]):
 		cmds = appendRules(cmds, want[len(st.rules):])
 	default:
+		// Declaring an existing chain under --noflush empties it.
 		cmds = append(cmds, declare())
 		cmds = appendRules(cmds, want)
 	}
 	if !keep {
-		cmds = append(cmds, "-I "+output+" 1 "+jumpSpec)
+		cmds = append(cmds, "-I "+p.hook+" 1 "+jumpSpec)
 	}
 	return cmds
 }
 
-// clearCommands returns the restore lines that remove every jump to Chain
-// and Chain itself, or nil when there is nothing of ours.
-func clearCommands(jumps []string, chainExists bool) []string {
+// clearCommands returns the restore lines (for p's table) that remove every
+// jump from p's hook to Chain and Chain itself, or nil when st has nothing
+// of ours. A chain nobody jumps to is ours too: a run that died half-way or
+// an earlier version left it.
+func clearCommands(p part, st state) []string {
 	var cmds []string
-	for _, j := range jumps {
-		cmds = append(cmds, "-D "+output+" "+j)
+	for _, j := range st.jumps {
+		cmds = append(cmds, "-D "+p.hook+" "+j)
 	}
-	if chainExists || len(jumps) > 0 {
+	if st.exists || len(st.jumps) > 0 {
 		cmds = append(cmds, "-F "+Chain, "-X "+Chain)
 	}
 	return cmds
@@ -162,16 +188,30 @@ func appendRules(cmds, rules []string) []string {
 	return cmds
 }
 
-// restoreInput wraps lines into one iptables-restore transaction on the nat
-// table: the kernel applies all of it or none.
-func restoreInput(lines []string) string {
+// section is one table's lines of an iptables-restore input.
+type section struct {
+	table string
+	lines []string
+}
+
+// restoreInput wraps the non-empty sections, in order, into one
+// iptables-restore input, or "" when all are empty. Each section ends in
+// COMMIT: the kernel applies a table's section whole or not at all, and
+// iptables-restore stops at the first that fails, so the sections before it
+// stay applied and those after it are not tried.
+func restoreInput(sections ...section) string {
 	var b strings.Builder
-	b.WriteString("*" + table + "\n")
-	for _, l := range lines {
-		b.WriteString(l)
-		b.WriteByte('\n')
+	for _, s := range sections {
+		if len(s.lines) == 0 {
+			continue
+		}
+		b.WriteString("*" + s.table + "\n")
+		for _, l := range s.lines {
+			b.WriteString(l)
+			b.WriteByte('\n')
+		}
+		b.WriteString("COMMIT\n")
 	}
-	b.WriteString("COMMIT\n")
 	return b.String()
 }
 

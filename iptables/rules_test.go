@@ -1,6 +1,7 @@
 package iptables
 
 import (
+	"errors"
 	"slices"
 	"strings"
 	"testing"
@@ -45,27 +46,60 @@ func TestRedirectRuleSpelling(t *testing.T) {
 	}
 }
 
-func TestParseJumps(t *testing.T) {
+func TestGuardRuleSpelling(t *testing.T) {
+	// As iptables -S prints them back, checked on iptables 1.8.9 (nft and
+	// legacy, both families); the root tests prove it against the binary.
+	want := []string{
+		"-i lo -p tcp -m tcp --dport 4000 --tcp-flags FIN,SYN,RST,ACK SYN -m socket --nowildcard -m comment --comment connectable -j RETURN",
+		"-i lo -p tcp -m tcp --dport 4000 --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment connectable -j DROP",
+	}
+	if got := guardRules(4000); !slices.Equal(got, want) {
+		t.Errorf("got %q; want %q", got, want)
+	}
+}
+
+func TestParseTable(t *testing.T) {
 	listing := []string{
+		"-P PREROUTING ACCEPT",
 		"-P OUTPUT ACCEPT",
+		"-N CONNECTABLE",
+		"-N CONNECTABLE_OTHER",
+		"-A PREROUTING -j CONNECTABLE",
 		"-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT",
 		"-A OUTPUT -j CONNECTABLE",
 		"-A OUTPUT -p tcp -j CONNECTABLE",
 		"-A OUTPUT -j CONNECTABLE_OTHER",
 		`-A OUTPUT -m comment --comment "not -j CONNECTABLE" -j ACCEPT`,
 		"-A OUTPUT -g CONNECTABLE",
+		"-A CONNECTABLE -p tcp -j REDIRECT --to-ports 1",
+		"-A CONNECTABLE_OTHER -j ACCEPT",
 	}
-	want := []string{"-j CONNECTABLE", "-p tcp -j CONNECTABLE", "-g CONNECTABLE"}
-	if got := parseJumps(listing); !slices.Equal(got, want) {
-		t.Errorf("got %q; want %q", got, want)
+	want := state{
+		jumps:  []string{"-j CONNECTABLE", "-p tcp -j CONNECTABLE", "-g CONNECTABLE"},
+		exists: true,
+		rules:  []string{"-p tcp -j REDIRECT --to-ports 1"},
+	}
+	got := parseTable(redirectPart, listing)
+	if !slices.Equal(got.jumps, want.jumps) || got.exists != want.exists || !slices.Equal(got.rules, want.rules) {
+		t.Errorf("got %+v; want %+v", got, want)
+	}
+	// Another hook: OUTPUT's jumps are not INPUT's.
+	if got := parseTable(guardPart, listing); len(got.jumps) != 0 || !got.exists {
+		t.Errorf("as filter INPUT: got %+v; want no jumps, chain exists", got)
+	}
+	if got := parseTable(redirectPart, []string{"-P OUTPUT ACCEPT"}); got.exists || got.jumps != nil || got.rules != nil {
+		t.Errorf("empty table: got %+v", got)
 	}
 }
 
-func TestParseChain(t *testing.T) {
-	listing := []string{"-N CONNECTABLE", "-A CONNECTABLE -p tcp -j REDIRECT --to-ports 1", "-A OTHER -j ACCEPT"}
-	want := []string{"-p tcp -j REDIRECT --to-ports 1"}
-	if got := parseChain(listing); !slices.Equal(got, want) {
-		t.Errorf("got %q; want %q", got, want)
+func TestStatePort(t *testing.T) {
+	r := redirectRule(6000, 4321)
+	if got := (state{jumps: []string{jumpSpec}, exists: true, rules: []string{r}}).port(); got != 4321 {
+		t.Errorf("jumped-to chain: port %d; want 4321", got)
+	}
+	// A chain nobody jumps to redirects nothing.
+	if got := (state{exists: true, rules: []string{r}}).port(); got != 0 {
+		t.Errorf("lone chain: port %d; want 0", got)
 	}
 }
 
@@ -74,6 +108,7 @@ func TestApplyCommands(t *testing.T) {
 	old := redirectRule(6000, 3999)
 	tests := []struct {
 		name string
+		p    part
 		st   state
 		want []string
 		cmds []string
@@ -86,50 +121,72 @@ func TestApplyCommands(t *testing.T) {
 		},
 		{
 			name: "already converged",
-			st:   state{jumps: []string{jumpSpec}, listed: true, rules: []string{a, b}},
+			st:   state{jumps: []string{jumpSpec}, exists: true, rules: []string{a, b}},
 			want: []string{a, b},
 			cmds: nil,
 		},
 		{
 			name: "port added at the end appends only",
-			st:   state{jumps: []string{jumpSpec}, listed: true, rules: []string{a, b}},
+			st:   state{jumps: []string{jumpSpec}, exists: true, rules: []string{a, b}},
 			want: []string{a, b, c},
 			cmds: []string{"-A CONNECTABLE " + c},
 		},
 		{
 			name: "port removed rebuilds the chain",
-			st:   state{jumps: []string{jumpSpec}, listed: true, rules: []string{a, b}},
+			st:   state{jumps: []string{jumpSpec}, exists: true, rules: []string{a, b}},
 			want: []string{a},
 			cmds: []string{":CONNECTABLE - [0:0]", "-A CONNECTABLE " + a},
 		},
 		{
 			name: "old target port rebuilds the chain",
-			st:   state{jumps: []string{jumpSpec}, listed: true, rules: []string{old}},
+			st:   state{jumps: []string{jumpSpec}, exists: true, rules: []string{old}},
 			want: []string{a},
 			cmds: []string{":CONNECTABLE - [0:0]", "-A CONNECTABLE " + a},
 		},
 		{
 			name: "duplicated jump",
-			st:   state{jumps: []string{jumpSpec, jumpSpec}, listed: true, rules: []string{a}},
+			st:   state{jumps: []string{jumpSpec, jumpSpec}, exists: true, rules: []string{a}},
 			want: []string{a},
 			cmds: []string{"-D OUTPUT -j CONNECTABLE"},
 		},
 		{
 			name: "foreign-looking jump replaced",
-			st:   state{jumps: []string{"-p tcp -j CONNECTABLE"}, listed: true, rules: []string{a}},
+			st:   state{jumps: []string{"-p tcp -j CONNECTABLE"}, exists: true, rules: []string{a}},
 			want: []string{a},
 			cmds: []string{"-D OUTPUT -p tcp -j CONNECTABLE", "-I OUTPUT 1 -j CONNECTABLE"},
 		},
 		{
 			name: "duplicated rule",
-			st:   state{jumps: []string{jumpSpec}, listed: true, rules: []string{a, a}},
+			st:   state{jumps: []string{jumpSpec}, exists: true, rules: []string{a, a}},
 			want: []string{a},
 			cmds: []string{":CONNECTABLE - [0:0]", "-A CONNECTABLE " + a},
+		},
+		{
+			name: "right chain without jump gets the jump only",
+			st:   state{exists: true, rules: []string{a}},
+			want: []string{a},
+			cmds: []string{"-I OUTPUT 1 -j CONNECTABLE"},
+		},
+		{
+			name: "guard, fresh",
+			p:    guardPart,
+			want: guardRules(4000),
+			cmds: []string{":CONNECTABLE - [0:0]", "-A CONNECTABLE " + guardRules(4000)[0], "-A CONNECTABLE " + guardRules(4000)[1], "-I INPUT 1 -j CONNECTABLE"},
+		},
+		{
+			name: "guard, new port, duplicated jump",
+			p:    guardPart,
+			st:   state{jumps: []string{jumpSpec, jumpSpec}, exists: true, rules: guardRules(3999)},
+			want: guardRules(4000),
+			cmds: []string{"-D INPUT -j CONNECTABLE", ":CONNECTABLE - [0:0]", "-A CONNECTABLE " + guardRules(4000)[0], "-A CONNECTABLE " + guardRules(4000)[1]},
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := applyCommands(tt.st, tt.want); !slices.Equal(got, tt.cmds) {
+			if tt.p == (part{}) {
+				tt.p = redirectPart
+			}
+			if got := applyCommands(tt.p, tt.st, tt.want); !slices.Equal(got, tt.cmds) {
 				t.Errorf("got %q; want %q", got, tt.cmds)
 			}
 		})
@@ -138,19 +195,21 @@ func TestApplyCommands(t *testing.T) {
 
 func TestClearCommands(t *testing.T) {
 	tests := []struct {
-		name   string
-		jumps  []string
-		exists bool
-		want   []string
+		name string
+		p    part
+		st   state
+		want []string
 	}{
-		{name: "nothing", want: nil},
-		{name: "chain without jump", exists: true, want: []string{"-F CONNECTABLE", "-X CONNECTABLE"}},
-		{name: "jumps", jumps: []string{jumpSpec, jumpSpec}, exists: true,
+		{name: "nothing", p: redirectPart, want: nil},
+		{name: "chain without jump", p: redirectPart, st: state{exists: true}, want: []string{"-F CONNECTABLE", "-X CONNECTABLE"}},
+		{name: "jumps", p: redirectPart, st: state{jumps: []string{jumpSpec, jumpSpec}, exists: true},
 			want: []string{"-D OUTPUT -j CONNECTABLE", "-D OUTPUT -j CONNECTABLE", "-F CONNECTABLE", "-X CONNECTABLE"}},
+		{name: "guard", p: guardPart, st: state{jumps: []string{"-p tcp -j CONNECTABLE"}, exists: true, rules: guardRules(1)},
+			want: []string{"-D INPUT -p tcp -j CONNECTABLE", "-F CONNECTABLE", "-X CONNECTABLE"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := clearCommands(tt.jumps, tt.exists); !slices.Equal(got, tt.want) {
+			if got := clearCommands(tt.p, tt.st); !slices.Equal(got, tt.want) {
 				t.Errorf("got %q; want %q", got, tt.want)
 			}
 		})
@@ -158,9 +217,26 @@ func TestClearCommands(t *testing.T) {
 }
 
 func TestRestoreInput(t *testing.T) {
-	got := restoreInput([]string{"-F CONNECTABLE"})
-	if want := "*nat\n-F CONNECTABLE\nCOMMIT\n"; got != want {
+	got := restoreInput(section{"filter", []string{"-F CONNECTABLE"}}, section{"mangle", nil}, section{"nat", []string{"-X CONNECTABLE"}})
+	if want := "*filter\n-F CONNECTABLE\nCOMMIT\n*nat\n-X CONNECTABLE\nCOMMIT\n"; got != want {
 		t.Errorf("got %q; want %q", got, want)
+	}
+	if got := restoreInput(section{"nat", nil}); got != "" {
+		t.Errorf("no lines: got %q; want nothing", got)
+	}
+}
+
+func TestLacksSocketMatch(t *testing.T) {
+	for msg, want := range map[string]bool{
+		socketMissing: true,
+		"iptables-restore v1.8.9 (legacy): Couldn't load match `socket':No such file or directory\n\nError occurred at line: 3": true,
+		"Warning: Extension socket revision 0 not supported, missing kernel module?\niptables-restore: line 5 failed":           true,
+		"iptables-nft-restore: line 4 failed: No such file or directory":                                                        false,
+		"Couldn't load match `sockets':No such file or directory":                                                               false,
+	} {
+		if got := lacksSocketMatch(errors.New(msg)); got != want {
+			t.Errorf("lacksSocketMatch(%q) = %v; want %v", msg, got, want)
+		}
 	}
 }
 
