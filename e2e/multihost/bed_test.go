@@ -449,6 +449,41 @@ func (h *host) instances() ([]string, error) {
 	return out, nil
 }
 
+// consulView says what h's agent knows of the cluster's members and of
+// web's instances with their checks, for a failure message.
+func (h *host) consulView() string {
+	var members []struct {
+		Name   string
+		Status int
+	}
+	var entries []struct {
+		Node    struct{ Node string }
+		Service struct{ Port int }
+		Checks  []struct{ CheckID, Status string }
+	}
+	var b strings.Builder
+	if err := h.get(":8500/v1/agent/members", &members); err != nil {
+		fmt.Fprintf(&b, "members: %v", err)
+	} else {
+		b.WriteString("members (serf status 1 alive, 3 left, 4 failed):")
+		for _, m := range members {
+			fmt.Fprintf(&b, " %s=%d", m.Name, m.Status)
+		}
+	}
+	if err := h.get(":8500/v1/health/service/web?stale", &entries); err != nil {
+		fmt.Fprintf(&b, "; instances: %v", err)
+	} else {
+		b.WriteString("; instances with checks:")
+		for _, e := range entries {
+			fmt.Fprintf(&b, " %s:%d", e.Node.Node, e.Service.Port)
+			for _, c := range e.Checks {
+				fmt.Fprintf(&b, "[%s %s]", c.CheckID, c.Status)
+			}
+		}
+	}
+	return b.String()
+}
+
 // eventually retries check until it returns nil or timeout passes.
 func eventually(t testing.TB, timeout time.Duration, what string, check func() error) {
 	t.Helper()

@@ -87,8 +87,10 @@ func TestMultihost(t *testing.T) {
 				t.Errorf("%s: long-lived connections to C ended after %s; want within --backend-timeout 5s and a little", dp, f.longEndString())
 			}
 
+			t0 = time.Now()
 			b.restore(hc)
 			waitInstances(t, a, 4)
+			t.Logf("%s, host C back: Consul lists it again after %v", dp, time.Since(t0).Round(100*time.Millisecond))
 			waitHosts(t, l, "A", "B", "C")
 		})
 	}
@@ -102,7 +104,6 @@ func onHost(h string) func(string) bool {
 	return func(who string) bool { return strings.HasSuffix(who, "@"+h) }
 }
 
-// waitInstances waits until host h's agent lists n healthy instances.
 // deployment builds the bed with its engine flags, the backends (a1 on A,
 // b1 and b2 on B, c1 on C) registered, daemons on B and C and the
 // application on A, and returns the bed, its hosts and the application's
@@ -123,15 +124,20 @@ func deployment(t *testing.T, engineArgs ...string) (b *bed, a, hb, hc *host, ap
 	return b, a, hb, hc, b.app()
 }
 
+// waitInstances waits until host h's agent lists n healthy instances.
+// A host back from a cut is listed again after 11 s to well over a
+// minute here (its server rejoins the gossip by serf's reconnect, every
+// 30 s, and its agent syncs its services again): a 90 s bound failed CI
+// once.
 func waitInstances(t *testing.T, h *host, n int) {
 	t.Helper()
-	eventually(t, 90*time.Second, fmt.Sprintf("Consul lists %d instances of web", n), func() error {
+	eventually(t, 4*time.Minute, fmt.Sprintf("Consul lists %d instances of web", n), func() error {
 		got, err := h.instances()
 		if err != nil {
 			return err
 		}
 		if len(got) != n {
-			return fmt.Errorf("it lists %v", got)
+			return fmt.Errorf("it lists %v; %s", got, h.consulView())
 		}
 		return nil
 	})
