@@ -3,16 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/connectable/connectable/admin"
 	"github.com/connectable/connectable/resolver"
-	"github.com/connectable/connectable/sockpath"
 )
 
 // resolveCmd prints the endpoints one new connection to args[0] would try.
@@ -72,31 +69,5 @@ func statusCmd(ctx context.Context, c *config, args []string, stdout, stderr io.
 	if err := admin.WriteTable(stdout, st); err != nil {
 		return 1
 	}
-	return 0
-}
-
-// cleanupCmd removes what the socket path leaves in the kernel when the
-// daemon stops: the links under --bpf-dir (so its programs are detached
-// from the cgroup2 root) and the maps. It refuses while a daemon holds
-// --bpf-dir.
-func cleanupCmd(c *config, args []string, stdout, stderr io.Writer) int {
-	if len(args) != 0 {
-		fmt.Fprintln(stderr, "connectable: usage: connectable cleanup [--bpf-dir DIR]")
-		return 2
-	}
-	removed, err := sockpath.Cleanup(c.bpfDir)
-	if errors.Is(err, sockpath.ErrLocked) {
-		fmt.Fprintf(stderr, "connectable: %v; stop the daemon first (SIGTERM), then run cleanup\n", err)
-		return 1
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "connectable: cleaning up %s: %v\n", c.bpfDir, err)
-		return 1
-	}
-	if len(removed) == 0 {
-		fmt.Fprintf(stdout, "nothing pinned at %s\n", c.bpfDir)
-		return 0
-	}
-	fmt.Fprintf(stdout, "removed %d pins from %s (the socket path's programs are detached): %s\n", len(removed), c.bpfDir, strings.Join(removed, " "))
 	return 0
 }

@@ -317,8 +317,10 @@ func usage(fs *flag.FlagSet, w io.Writer) {
   connectable [options]                  run the daemon
   connectable resolve NAME [options]     print the endpoints one new connection to NAME would try
   connectable status [--admin ADDR]      print what a running daemon serves, as a table
-  connectable cleanup [--bpf-dir DIR]    remove the socket path from the kernel (its
-                                         programs, links and maps) after the daemon stopped
+  connectable cleanup [--bpf-dir DIR] [--docker-host URL]
+                                         after the daemon stopped for good: remove the socket
+                                         path from the kernel (its programs, links and maps)
+                                         and the relay's rules from the engine's containers
   connectable version                    print the version
   connectable hook [options]             OCI hook: set up the container on stdin's OCI state before it runs
   connectable runtime [options] [--] RUNC-ARGS...
@@ -329,12 +331,15 @@ func usage(fs *flag.FlagSet, w io.Writer) {
 Containers declare what they need with labels: connect.<port>=<service>.
 <service> is a DNS name (SRV lookup), host:port or ip:port.
 
-Signals: SIGTERM and SIGINT stop the daemon. The relay's rules leave every
-namespace and its connections drain (--drain-timeout); the socket path stays
-in the kernel, serving its ports, for the next start to adopt, so a restart
-(an upgrade) refuses no connect there. To remove it for good, stop the daemon
-and run connectable cleanup with the same --bpf-dir. One daemon per --bpf-dir:
-a second one refuses to start.
+Signals: SIGTERM and SIGINT stop the daemon. The relay keeps serving while
+the connections it had live end (within --drain-timeout), then stops
+listening and gives the ones it accepted meanwhile a second more. Both paths
+stay for the next start: the relay's rules, whose connects wait (in SYN
+retries) for the next start to listen behind them, and the socket path in
+the kernel, serving its ports. So a restart (an upgrade) refuses no connect.
+To remove them for good, stop the daemon and run connectable cleanup with
+the same --bpf-dir and --docker-host. One daemon per --bpf-dir: a second one
+refuses to start.
 
 Options (each also read from the environment variable shown; flags win):
 `)

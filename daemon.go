@@ -26,10 +26,11 @@ var (
 	_ docker.Sink      = (*reconcile.Reconciler)(nil)
 )
 
-// daemon runs connectable until ctx ends, then removes the relay's rules
-// from every namespace still alive and lets its live connections drain.
-// The socket path stays in the kernel, serving, for the next start to
-// adopt (`connectable cleanup` removes it). procs, the Go scheduler's
+// daemon runs connectable until ctx ends, then lets the relay's live
+// connections drain (serving new ones until the old ones are done). Both
+// paths stay for the next start: the relay's rules, which it listens
+// behind again, and the socket path in the kernel, serving, which it
+// adopts (`connectable cleanup` removes them). procs, the Go scheduler's
 // GOMAXPROCS, is only reported.
 func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	log := newLogger(c, logw)
@@ -65,6 +66,7 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 		ConnectStagger:       c.connectStagger,
 		BackendTimeout:       c.backendTimeout,
 		DrainTimeout:         c.drainTimeout,
+		KeepRules:            true,
 		HalfCloseTimeout:     c.halfClose,
 		Logger:               log,
 	}
@@ -137,17 +139,17 @@ func daemon(ctx context.Context, c *config, procs int, logw io.Writer) error {
 	cancel()
 	hooks.Close()
 	<-sweepDone
-	// Set-ups in flight are cancelled first, so that the relay's teardown
-	// sees every namespace that was set up. The socket path stays in the
-	// kernel and keeps serving its ports while no daemon runs; the next
-	// start adopts it.
+	// Set-ups in flight are cancelled first, so that the relay's drain
+	// sees every namespace that was set up. The relay drains before the
+	// socket path's workers stop: its dials still feed the shared
+	// endpoint health. The socket path stays in the kernel and keeps
+	// serving its ports while no daemon runs; the next start adopts it.
 	rec.Close()
-	var sockErr error
+	closeErr := srv.Close()
 	if sock != nil {
-		sockErr = sock.stop()
+		closeErr = errors.Join(closeErr, sock.stop())
 		log.Info("the socket path keeps serving until the next start (connectable cleanup removes it)", "pins", c.bpfDir)
 	}
-	closeErr := errors.Join(sockErr, srv.Close())
 	if err := <-adminDone; err != nil {
 		log.Warn("admin endpoint stopped", "err", err)
 	}

@@ -45,15 +45,25 @@ func TestDaemonAsContainer(t *testing.T) {
 		return err
 	})
 
-	// A graceful stop removes the rules it installed.
+	// A graceful stop leaves the rules for the next start; cleanup, run
+	// from the image as the README says, removes them.
 	testenv.Run(t, "docker", "stop", "-t", "20", daemon)
-	for _, family := range []string{"iptables", "ip6tables"} {
-		if rules := rulesIn(t, id, family, "nft"); strings.Contains(rules, "CONNECTABLE") {
-			t.Errorf("%s rules left after the daemon container stopped:\n%s", family, rules)
-		}
-	}
 	if code := strings.TrimSpace(testenv.Run(t, "docker", "inspect", "-f", "{{.State.ExitCode}}", daemon)); code != "0" {
 		t.Errorf("daemon container exit code %s, want 0", code)
+	}
+	for _, family := range []string{"iptables", "ip6tables"} {
+		if rules := rulesIn(t, id, family, "nft"); !strings.Contains(rules, "CONNECTABLE") {
+			t.Errorf("%s rules gone after the daemon container stopped; want them kept for the next start:\n%s", family, rules)
+		}
+	}
+	out := testenv.Run(t, "docker", "run", "--rm", "-l", testenv.TestLabel, "--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN",
+		"--pid=host", "--network=host", "-v", "/var/run/docker.sock:/var/run/docker.sock",
+		tag, "cleanup", "--bpf-dir", "/nonexistent/connectable", "--admin=")
+	t.Logf("cleanup: %s", strings.TrimSpace(out))
+	for _, family := range []string{"iptables", "ip6tables"} {
+		if rules := rulesIn(t, id, family, "nft"); strings.Contains(rules, "CONNECTABLE") {
+			t.Errorf("%s rules left after cleanup:\n%s", family, rules)
+		}
 	}
 }
 

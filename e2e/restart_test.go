@@ -69,39 +69,7 @@ func TestRestartRefusesNoConnect(t *testing.T) {
 		return err
 	})
 
-	// One new connection every 20 ms, each on its own goroutine so that a
-	// slow one does not lower the rate.
-	type result struct {
-		at   time.Time
-		body string
-		err  error
-	}
-	var (
-		mu      sync.Mutex
-		results []result
-		reqs    sync.WaitGroup
-	)
-	stop := make(chan struct{})
-	loadDone := make(chan struct{})
-	go func() {
-		defer close(loadDone)
-		tick := time.NewTicker(20 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-			reqs.Go(func() {
-				r := result{at: time.Now()}
-				r.body, r.err = getIn(ns, url)
-				mu.Lock()
-				results = append(results, r)
-				mu.Unlock()
-			})
-		}
-	}()
+	load := connectLoad(ns, url)
 	time.Sleep(time.Second)
 	stopAt := time.Now()
 	if code := d.stop(syscall.SIGTERM); code != 0 {
@@ -121,9 +89,7 @@ func TestRestartRefusesNoConnect(t *testing.T) {
 	waitPath(t, d, client, 6000, "socket", "ipv4") // the endpoint is IPv4: [::1] is the relay's
 	ready := time.Now()
 	time.Sleep(2 * time.Second)
-	close(stop)
-	<-loadDone
-	reqs.Wait()
+	results := load()
 
 	var failed, direct, gap int
 	for _, r := range results {
@@ -187,6 +153,164 @@ func TestRestartRefusesNoConnect(t *testing.T) {
 	out, err = exec.Command(binary, "cleanup", "--bpf-dir", dir).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "nothing pinned") {
 		t.Errorf("a second cleanup: %v: %s; want success with nothing pinned", err, out)
+	}
+}
+
+// connectResult is one connect of connectLoad.
+type connectResult struct {
+	at   time.Time
+	dur  time.Duration
+	body string
+	err  error
+}
+
+// connectLoad makes one new connection every 20 ms from inside ns, a GET
+// of url each, on a goroutine of its own so that a slow one does not
+// lower the rate, until the function it returns is called; that returns
+// every result.
+func connectLoad(ns, url string) (stop func() []connectResult) {
+	var (
+		mu      sync.Mutex
+		results []connectResult
+		reqs    sync.WaitGroup
+	)
+	done := make(chan struct{})
+	loadDone := make(chan struct{})
+	go func() {
+		defer close(loadDone)
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			reqs.Go(func() {
+				r := connectResult{at: time.Now()}
+				r.body, r.err = getIn(ns, url)
+				r.dur = time.Since(r.at)
+				mu.Lock()
+				results = append(results, r)
+				mu.Unlock()
+			})
+		}
+	}()
+	return func() []connectResult {
+		close(done)
+		<-loadDone
+		reqs.Wait()
+		return results
+	}
+}
+
+// TestRelayRestartRefusesNoConnect: a relay daemon restarted under load,
+// SIGTERM while a connection lives, a second without a daemon, then the
+// next start: every one of the new connects made every 20 ms succeeds.
+// The drain serves them while the old connection lives; then the rules,
+// which stay, hold them in SYN retries until the next start listens
+// behind them (a second without a daemon keeps the wait within the
+// client's second retransmission, 3 s, and its 5 s dial timeout).
+// connectable cleanup then removes the rules.
+func TestRelayRestartRefusesNoConnect(t *testing.T) {
+	prerequisites(t)
+	_, dns := webService(t)
+	args := []string{"--datapath", "relay", "--drain-timeout", "3s"}
+	d := startDaemon(t, dns, args...)
+	id := container(t, "-l", "connect.6000=web.service.test")
+	ns := netnsOf(t, id)
+	const url = "http://127.0.0.1:6000/"
+	eventually(t, 30*time.Second, "the backend answers", func() error {
+		_, err := getIn(ns, url)
+		return err
+	})
+	// A connection live at SIGTERM: the drain serves new ones until it
+	// ends (here, at the drain timeout).
+	live, err := dialIn(ns, "127.0.0.1:6000", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+
+	load := connectLoad(ns, url)
+	time.Sleep(time.Second)
+	stopAt := time.Now()
+	if code := d.stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit code after SIGTERM = %d, want 0", code)
+	}
+	stopped := time.Now()
+	if !strings.Contains(d.logs.String(), "the relay's rules stay for the next start") {
+		t.Errorf("the daemon did not log keeping its rules")
+	}
+	time.Sleep(time.Second) // no daemon at all for a while
+	startAt := time.Now()
+	d = startDaemon(t, dns, args...)
+	eventually(t, 30*time.Second, "the new daemon serves", func() error {
+		_, err := getIn(ns, url)
+		return err
+	})
+	ready := time.Now()
+	time.Sleep(2 * time.Second)
+	results := load()
+
+	var failed, gap, inDrain int
+	var slowest time.Duration
+	for _, r := range results {
+		if r.at.After(stopAt) && r.at.Before(ready) {
+			gap++
+			slowest = max(slowest, r.dur)
+		}
+		if r.err != nil {
+			failed++
+			if failed <= 5 {
+				t.Errorf("a connect %v after SIGTERM failed after %v: %v", r.at.Sub(stopAt).Round(time.Millisecond), r.dur.Round(time.Millisecond), r.err)
+			}
+		} else if r.at.After(stopAt) && r.at.Add(r.dur).Before(stopped) {
+			inDrain++
+		}
+	}
+	t.Logf("relay restart: SIGTERM to exit %v, no daemon for %v, start to served %v; %d connects (%d between SIGTERM and served, "+
+		"%d of them answered by the draining daemon), %d failed, slowest of the gap %v",
+		stopped.Sub(stopAt).Round(time.Millisecond), startAt.Sub(stopped).Round(time.Millisecond), ready.Sub(startAt).Round(time.Millisecond),
+		len(results), gap, inDrain, failed, slowest.Round(time.Millisecond))
+	if gap < 10 {
+		t.Errorf("only %d connects while the daemon restarted; the load did not run", gap)
+	}
+	if inDrain == 0 {
+		t.Errorf("no connect was answered between SIGTERM and the exit; want the drain to serve them while a connection lives")
+	}
+	rulesOnce(t, id, "6000")
+
+	// Stopped for good: cleanup takes the rules out, and a connect is
+	// refused at once again. Not while the daemon runs.
+	noPins := filepath.Join(t.TempDir(), "none")
+	out, err := exec.Command(binary, "cleanup", "--bpf-dir", noPins, "--admin", d.admin).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "a daemon answers on --admin "+d.admin) {
+		t.Errorf("cleanup while the relay daemon runs: %v: %s; want a refusal naming its admin endpoint", err, out)
+	}
+	if code := d.stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit code after SIGTERM = %d, want 0", code)
+	}
+	out, err = exec.Command(binary, "cleanup", "--bpf-dir", noPins, "--admin", d.admin).CombinedOutput()
+	if err != nil {
+		t.Fatalf("connectable cleanup: %v: %s", err, out)
+	}
+	t.Logf("cleanup: %s", strings.TrimSpace(string(out)))
+	if !strings.Contains(string(out), id[:12]) {
+		t.Errorf("cleanup did not name the container %.12s: %s", id, out)
+	}
+	for _, table := range []string{"nat", "filter"} {
+		for _, family := range []string{"iptables", "ip6tables"} {
+			if rules := testenv.Exec(t, ns, family+"-nft-save", "-t", table); strings.Contains(rules, "CONNECTABLE") {
+				t.Errorf("%s %s rules left after cleanup:\n%s", family, table, rules)
+			}
+		}
+	}
+	if c, err := dialIn(ns, "127.0.0.1:6000", 2*time.Second); err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
+		if c != nil {
+			c.Close()
+		}
+		t.Errorf("a connect after cleanup: %v; want it refused at once", err)
 	}
 }
 

@@ -14,7 +14,7 @@
 // once from INPUT, that guards P while nothing listens there:
 //
 //	-A INPUT -j CONNECTABLE
-//	-A CONNECTABLE -i lo -p tcp -m tcp --dport P --tcp-flags FIN,SYN,RST,ACK SYN -m socket --nowildcard -m comment --comment connectable -j RETURN
+//	-A CONNECTABLE -i lo -p tcp -m tcp --dport P --tcp-flags FIN,SYN,RST,ACK SYN -m socket --transparent --nowildcard -m comment --comment connectable -j RETURN
 //	-A CONNECTABLE -i lo -p tcp -m tcp --dport P --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment connectable -j DROP
 //
 // The rules outlive the daemon, so that a restarted one (which finds P again
@@ -23,9 +23,9 @@
 // nothing on P and the kernel would answer it with a RST: the application's
 // connect would be refused. Dropped instead, the SYN is sent again by the
 // client's kernel after 1 s, 3 s, ..., and the connect lands on the next
-// daemon's listener. A SYN that finds the listener (-m socket) passes as
-// before. Kernels without the socket match get the nat rules only, with a
-// warning.
+// daemon's listener. A SYN that finds the listener (-m socket, one marked
+// IP_TRANSPARENT: see guardRules) passes as before. Kernels without the
+// socket match get the nat rules only, with a warning.
 //
 // IPv4 rules go through iptables, IPv6 ones through ip6tables. Each table is
 // read with one `iptables -t <table> -S` and written with iptables-restore

@@ -277,7 +277,7 @@ func wantOurs(backend string, toPort uint16, ports ...uint16) []string {
 	var out []string
 	for _, fam := range []string{"iptables", "ip6tables"} {
 		out = append(out, "== "+fam+"-"+backend+"-save", "*filter", ":CONNECTABLE - []", "-A INPUT -j CONNECTABLE")
-		for _, verdict := range []string{"-m socket --nowildcard -m comment --comment connectable -j RETURN", "-m comment --comment connectable -j DROP"} {
+		for _, verdict := range []string{"-m socket --transparent --nowildcard -m comment --comment connectable -j RETURN", "-m comment --comment connectable -j DROP"} {
 			out = append(out, fmt.Sprintf("-A CONNECTABLE -i lo -p tcp -m tcp --dport %d --tcp-flags FIN,SYN,RST,ACK SYN %s", toPort, verdict))
 		}
 		out = append(out, "*nat", ":CONNECTABLE - []", "-A OUTPUT -j CONNECTABLE")
@@ -382,7 +382,7 @@ func TestApplyRepairsCrashLeftovers(t *testing.T) {
 			syn := []string{"-i", "lo", "-p", "tcp", "--dport", port, "--tcp-flags", "SYN,ACK,RST,FIN", "SYN"}
 			tag := []string{"-m", "comment", "--comment", "connectable"}
 			return [][]string{
-				slices.Concat([]string{"-t", "filter", "-A", "CONNECTABLE"}, syn, []string{"-m", "socket", "--nowildcard"}, tag, []string{"-j", "RETURN"}),
+				slices.Concat([]string{"-t", "filter", "-A", "CONNECTABLE"}, syn, []string{"-m", "socket", "--transparent", "--nowildcard"}, tag, []string{"-j", "RETURN"}),
 				slices.Concat([]string{"-t", "filter", "-A", "CONNECTABLE"}, syn, tag, []string{"-j", "DROP"}),
 			}
 		}
@@ -503,6 +503,57 @@ func TestGuardHoldsConnectsWhileNothingListens(t *testing.T) {
 			}
 		}
 		closeLn()
+
+		// A gated listener (a daemon about to close it): new connects wait
+		// as if nothing listened, and what it had queued stays for accept.
+		v4g, v6g, err := netns.Listen(ns, port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		gated := []*net.TCPListener{v4g}
+		if v6g != nil {
+			gated = append(gated, v6g)
+		}
+		var queued []net.Conn
+		for _, addr := range addrs {
+			if err := netns.Do(ns, func() error {
+				c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+				if err == nil {
+					queued = append(queued, c)
+				}
+				return err
+			}); err != nil {
+				t.Fatalf("%s before the gate: %v", addr, err)
+			}
+		}
+		for _, ln := range gated {
+			if err := netns.Gate(ln); err != nil {
+				t.Fatalf("Gate: %v", err)
+			}
+		}
+		for addr, err := range dialAll(t, ns, addrs, 300*time.Millisecond) {
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() {
+				t.Errorf("%s through a gated listener: %v; want a timeout (the SYN dropped)", addr, err)
+			}
+		}
+		for _, ln := range gated {
+			if err := netns.Drained(ln, 50*time.Millisecond); err == nil {
+				t.Errorf("Drained with a connection queued and nobody accepting: nil; want an error")
+			}
+			c, err := ln.Accept()
+			if err != nil {
+				t.Fatalf("accepting what the gated listener had queued: %v", err)
+			}
+			c.Close()
+			if err := netns.Drained(ln, time.Second); err != nil {
+				t.Errorf("Drained once the queue was taken: %v", err)
+			}
+			ln.Close()
+		}
+		for _, c := range queued {
+			c.Close()
+		}
 
 		// The restart: connects that start while nothing listens land on
 		// the listener that appears later.

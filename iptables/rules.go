@@ -69,17 +69,21 @@ func redirectRules(ports []uint16, toPort uint16) ([]string, error) {
 }
 
 // guardRules returns the filter table's Chain for toPort: a SYN on lo to
-// toPort that finds a listener (--nowildcard: the relay binds 127.0.0.1 and
-// ::1, not a wildcard) goes on as usual; one that finds none is dropped
-// rather than answered with a RST, so the client's kernel sends it again
-// (after 1 s, 3 s, ...) and the connect lands on the listener of the next
-// daemon instead of being refused. Spelled as `iptables -S` prints them
+// toPort that finds the relay's listener goes on as usual; one that finds
+// none is dropped rather than answered with a RST, so the client's kernel
+// sends it again (after 1 s, 3 s, ...) and the connect lands on the
+// listener of the next daemon instead of being refused. The relay's
+// listener is one marked IP_TRANSPARENT (--transparent; netns.Listen marks
+// them), so that a daemon about to stop can close its gate (netns.Gate)
+// before it closes the listener: a SYN then waits for the next daemon
+// instead of landing in an accept queue that closing resets. --nowildcard:
+// the relay binds 127.0.0.1 and ::1, not a wildcard. Spelled as `iptables -S` prints them
 // back, checked on iptables 1.8.9, nft and legacy, both families: the
 // implicit "-m tcp" explicit, the flags in the kernel's order.
 func guardRules(toPort uint16) []string {
 	syn := fmt.Sprintf("-i lo -p tcp -m tcp --dport %d --tcp-flags FIN,SYN,RST,ACK SYN", toPort)
 	return []string{
-		syn + " -m socket --nowildcard -m comment --comment " + comment + " -j RETURN",
+		syn + " -m socket --transparent --nowildcard -m comment --comment " + comment + " -j RETURN",
 		syn + " -m comment --comment " + comment + " -j DROP",
 	}
 }

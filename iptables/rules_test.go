@@ -50,7 +50,7 @@ func TestGuardRuleSpelling(t *testing.T) {
 	// As iptables -S prints them back, checked on iptables 1.8.9 (nft and
 	// legacy, both families); the root tests prove it against the binary.
 	want := []string{
-		"-i lo -p tcp -m tcp --dport 4000 --tcp-flags FIN,SYN,RST,ACK SYN -m socket --nowildcard -m comment --comment connectable -j RETURN",
+		"-i lo -p tcp -m tcp --dport 4000 --tcp-flags FIN,SYN,RST,ACK SYN -m socket --transparent --nowildcard -m comment --comment connectable -j RETURN",
 		"-i lo -p tcp -m tcp --dport 4000 --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment connectable -j DROP",
 	}
 	if got := guardRules(4000); !slices.Equal(got, want) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"sync"
@@ -159,6 +160,10 @@ type connSet struct {
 	conns   map[*conn]struct{}
 	cutting bool
 	live    sync.WaitGroup // one count per conn in the set
+	// old is what the set held when older was called, and oldDone is
+	// closed once the last of it has left.
+	old     map[*conn]struct{}
+	oldDone chan struct{}
 }
 
 func (cs *connSet) init() { cs.conns = make(map[*conn]struct{}) }
@@ -191,8 +196,38 @@ func (cs *connSet) attach(c *conn, backend *net.TCPConn) bool {
 func (cs *connSet) remove(c *conn) {
 	cs.mu.Lock()
 	delete(cs.conns, c)
+	if _, ok := cs.old[c]; ok {
+		delete(cs.old, c)
+		if len(cs.old) == 0 {
+			close(cs.oldDone)
+		}
+	}
 	cs.mu.Unlock()
 	cs.live.Done()
+}
+
+// cutOlder aborts the conns of older's set that are still in it, and
+// returns how many.
+func (cs *connSet) cutOlder() int {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	for c := range cs.old {
+		c.abort()
+	}
+	return len(cs.old)
+}
+
+// older returns a channel that is closed once every conn in the set now
+// has left it; conns added later do not count. Close calls it once.
+func (cs *connSet) older() <-chan struct{} {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	cs.oldDone = make(chan struct{})
+	cs.old = maps.Clone(cs.conns)
+	if len(cs.old) == 0 {
+		close(cs.oldDone)
+	}
+	return cs.oldDone
 }
 
 // cut aborts every connection in the set and refuses new ones. It returns

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -162,4 +163,50 @@ func TestRemoveLingersWhileRelaying(t *testing.T) {
 		t.Logf("the connection of the gone namespace: %v", err)
 	}
 	c3.Close()
+}
+
+// TestCloseKeepRulesClearsLingering: with KeepRules, Close leaves a served
+// namespace's rules for the next start, but removes those of a namespace
+// that lost its labels and only lingered for its connections: no start
+// would take them back.
+func TestCloseKeepRulesClearsLingering(t *testing.T) {
+	testenv.NeedRoot(t)
+	testenv.NeedCommand(t, "iptables", "ip6tables", "nsenter", "ip")
+	testenv.CheckGoroutines(t)
+	testenv.GuardRootRules(t)
+	served, lingering := testenv.NewNetNS(t), testenv.NewNetNS(t)
+
+	a := testenv.StartBackend(t, tagEcho('a'))
+	res := newResolver(false)
+	res.set("a.service", a.Addr)
+	s := &Server{Resolver: res, AllowTargets: loopbackTargets, Redirector: lingerRedirector{execRedirector{t}},
+		KeepRules: true, DrainTimeout: 200 * time.Millisecond, Logger: testLogger(t, slog.LevelDebug)}
+	routes := map[uint16]string{6000: "a.service"}
+	for key, ns := range map[string]string{"c1": served, "c2": lingering} {
+		if err := s.Apply(context.Background(), key, ns, routes); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := dialIn(t, lingering, "tcp4", "127.0.0.1:6000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	readTag(t, c)
+	if err := s.Remove(context.Background(), "c2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	has := func(ns string) bool {
+		return strings.Contains(testenv.Exec(t, ns, "iptables", "-t", "nat", "-S"), testChain)
+	}
+	if !has(served) {
+		t.Errorf("the served namespace's rules were removed; want them kept for the next start")
+	}
+	if has(lingering) {
+		t.Errorf("the lingering namespace's rules were kept; want them removed")
+	}
+	lingerRedirector{execRedirector{t}}.Clear(served)
 }

@@ -217,6 +217,40 @@ func (s *Server) clearRules(sp *space) error {
 	return nil
 }
 
+// keepRules lets go of the space's rules without removing them: Close
+// with KeepRules.
+func (sp *space) keepRules() {
+	if sp.served.CompareAndSwap(true, false) {
+		sp.ended()
+	}
+}
+
+// gate closes the gates of the space's listeners (netns.Gate): from now on
+// new connections wait for the next listener on its port.
+func (s *Server) gate(sp *space) {
+	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
+		if ln == nil {
+			continue
+		}
+		if err := netns.Gate(ln); err != nil {
+			s.log.Warn("closing a listener's gate; connections queued when it closes are reset", "key", sp.key, "netns", sp.netns, "err", err)
+		}
+	}
+}
+
+// drained waits, briefly, for the accept loops to take what the space's
+// gated listeners had queued.
+func (s *Server) drained(sp *space) {
+	for _, ln := range []*net.TCPListener{sp.v4, sp.v6} {
+		if ln == nil {
+			continue
+		}
+		if err := netns.Drained(ln, 100*time.Millisecond); err != nil {
+			s.log.Warn("closing a listener with connections queued: they are reset", "key", sp.key, "netns", sp.netns, "err", err)
+		}
+	}
+}
+
 // closeListeners closes the space's listeners and waits for its accept
 // loops; called once.
 func (sp *space) closeListeners() {

@@ -143,6 +143,15 @@ type Server struct {
 	// DrainTimeout optionally bounds how long Close lets live connections
 	// finish before it closes them; if 0, DefaultDrainTimeout.
 	DrainTimeout time.Duration
+	// KeepRules makes Close leave every served namespace's rules in place
+	// instead of removing them: the next start finds their port
+	// (Redirector.Port) and listens on it again, and a connect made in
+	// between waits for it (the Redirector drops a SYN that finds no
+	// listener, so the client's kernel sends it again) rather than being
+	// refused. Rules of a namespace that lost its labels while connections
+	// lived (see Remove) are removed all the same: nothing would take them
+	// back.
+	KeepRules bool
 	// HalfCloseTimeout optionally bounds how long a relay waits for bytes in
 	// its remaining direction once the other has ended (the peer sent FIN),
 	// re-armed while bytes keep moving; if 0, DefaultHalfCloseTimeout. A
@@ -510,12 +519,22 @@ func (s *Server) lingerEnded(sp *space) {
 	}()
 }
 
-// Close stops accepting in every namespace, lets live connections finish
-// for DrainTimeout, then aborts them (a reset on both sides, so neither peer
-// takes a cut stream for a complete one), clears the rules, and returns once
-// every goroutine the server started has ended. Apply and Remove calls
+// Close drains the server and stops it. Every namespace keeps serving new
+// connections while the ones that were live when Close started finish, for
+// at most DrainTimeout; those still open then are aborted (a reset on both
+// sides, so neither peer takes a cut stream for a complete one). Then the
+// listeners close, and the connections accepted meanwhile get what is left
+// of DrainTimeout, and at least a second (DrainTimeout if shorter), before
+// they are aborted too. The rules go last, unless KeepRules. Close returns
+// once every goroutine the server started has ended. Apply and Remove calls
 // in progress finish first; calls waiting for one return. Close is
 // idempotent.
+//
+// Serving during the drain is what lets a restart go unnoticed: the
+// listeners close only once the old connections are done, and only once
+// their gates are closed (netns.Gate) and what they had queued is taken;
+// from then on new connections wait in SYN retries (see KeepRules) for the
+// next start, which follows within the young connections' second.
 func (s *Server) Close() error {
 	s.init()
 	s.mu.Lock()
@@ -534,22 +553,42 @@ func (s *Server) Close() error {
 	var spaces []*space
 	for _, sl := range s.takeSlots() {
 		if sp := sl.sp.Swap(nil); sp != nil {
-			sp.closeListeners()
 			spaces = append(spaces, sp)
 		}
 	}
 
+	drain := s.drainTimeout()
+	start := time.Now()
+	serving := time.NewTimer(drain)
+	select {
+	case <-s.conns.older():
+		serving.Stop()
+	case <-serving.C:
+		n := s.conns.cutOlder()
+		s.log.Warn("drain timeout, aborting live connections", "connections", n, "timeout", drain)
+	}
+	// Every gate first, so that no listener takes new connections while
+	// the others' queues drain.
+	for _, sp := range spaces {
+		s.gate(sp)
+	}
+	for _, sp := range spaces {
+		s.drained(sp)
+		sp.closeListeners()
+	}
+	young := max(drain-time.Since(start), min(drain, time.Second))
+
 	// The accept loops have ended: no connection joins s.conns any more.
 	drained := make(chan struct{})
 	go waitDrained(&s.conns, drained)
-	timer := time.NewTimer(s.drainTimeout())
+	timer := time.NewTimer(young)
 	select {
 	case <-drained:
 		timer.Stop()
 	case <-timer.C:
 		s.baseCancel() // ends the dial phases
 		n := s.conns.cut()
-		s.log.Warn("drain timeout, aborting live connections", "connections", n, "timeout", s.drainTimeout())
+		s.log.Warn("drain timeout, aborting the connections accepted during the drain", "connections", n, "timeout", young)
 		<-drained
 	}
 	s.baseCancel()
@@ -561,10 +600,19 @@ func (s *Server) Close() error {
 	// drain would end at once. The aborts' resets, too, need the
 	// translation to reach the client.
 	var errs []error
+	kept := 0
 	for _, sp := range spaces {
+		if s.KeepRules && !sp.lingering.Load() {
+			sp.keepRules()
+			kept++
+			continue
+		}
 		if err := s.clearRules(sp); err != nil {
 			errs = append(errs, fmt.Errorf("removing %s: %w", sp.key, err))
 		}
+	}
+	if kept > 0 {
+		s.log.Info("the relay's rules stay for the next start, which listens on their ports again (connectable cleanup removes them)", "namespaces", kept)
 	}
 	close(s.done)
 	return errors.Join(errs...)

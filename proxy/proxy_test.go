@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -477,6 +478,9 @@ func TestRouteSwapDuringRelay(t *testing.T) {
 	}
 }
 
+// TestCloseDrains: while the connections that were live when Close began
+// finish, the namespace keeps serving new ones; then its listener closes,
+// and Close waits for the connections it accepted meanwhile.
 func TestCloseDrains(t *testing.T) {
 	testenv.CheckGoroutines(t)
 	checkFDs(t)
@@ -486,47 +490,135 @@ func TestCloseDrains(t *testing.T) {
 	red := &fakeRedirector{}
 	s := newServer(t, res, func(s *Server) {
 		s.Redirector = red
-		s.DrainTimeout = 5 * time.Minute // never reached: the client ends first
+		s.DrainTimeout = 5 * time.Minute // never reached: the clients end first
 	})
 	if err := s.Apply(context.Background(), "c1", "ns", map[uint16]string{6000: "svc"}); err != nil {
 		t.Fatal(err)
 	}
 	addr := proxyAddr(t, s, "c1")
-	c := dialPort(t, addr, 6000)
-	readTag(t, c)
+	old := dialPort(t, addr, 6000)
+	readTag(t, old)
 
 	closed := make(chan error, 1)
 	go func() { closed <- s.Close() }()
-	waitFor(t, "the listener to close", func() bool {
-		_, err := net.Dial("tcp4", addr.String())
-		return isRefused(err)
+	waitFor(t, "Close to note the live connections", func() bool {
+		s.conns.mu.Lock()
+		defer s.conns.mu.Unlock()
+		return s.conns.oldDone != nil
 	})
-	roundTrip(t, c, "while draining")
+	// Served while the old connection lives.
+	young := dialPort(t, addr, 6000)
+	if got := readTag(t, young); got != 'e' {
+		t.Fatalf("a connection made while draining reached %q; want e", got)
+	}
+	roundTrip(t, old, "while draining")
 	select {
 	case err := <-closed:
 		t.Fatalf("Close returned (%v) while a connection was live", err)
 	case <-time.After(100 * time.Millisecond):
 	}
-	c.CloseWrite()
-	if _, err := io.ReadAll(c); err != nil {
-		t.Fatalf("reading to the end: %v", err)
+	endConn(t, old)
+	waitFor(t, "the listener to close once the old connection ended", func() bool {
+		c, err := net.Dial("tcp4", addr.String())
+		if err == nil {
+			c.Close()
+		}
+		return isRefused(err)
+	})
+	roundTrip(t, young, "accepted while draining, after the listener closed")
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) while a connection accepted in the drain was live", err)
+	case <-time.After(100 * time.Millisecond):
 	}
+	endConn(t, young)
 	select {
 	case err := <-closed:
 		if err != nil {
 			t.Fatal(err)
 		}
 	case <-time.After(30 * time.Second):
-		t.Fatal("Close did not return once the connection ended")
+		t.Fatal("Close did not return once the connections ended")
 	}
 	if got := red.log(); !slices.Contains(got, "clear ns") {
 		t.Errorf("redirector calls %q; want the rules cleared", got)
 	}
-	if err := s.Apply(context.Background(), "c2", "ns", nil); !errors.Is(err, ErrServerClosed) {
-		t.Errorf("Apply after Close: got %v; want ErrServerClosed", err)
-	}
 	if err := s.Close(); err != nil {
 		t.Errorf("second Close: %v", err)
+	}
+}
+
+// TestCloseDrainTimeoutSparesYoung: at DrainTimeout the connections that
+// were live when Close began are aborted and the listener closes; one
+// accepted during the drain still gets its second to finish.
+func TestCloseDrainTimeoutSparesYoung(t *testing.T) {
+	testenv.CheckGoroutines(t)
+	checkFDs(t)
+	be := testenv.StartBackend(t, tagEcho('e'))
+	res := newResolver(false)
+	res.set("svc", be.Addr)
+	s := newServer(t, res, func(s *Server) { s.DrainTimeout = 2 * time.Second })
+	if err := s.Apply(context.Background(), "c1", "ns", map[uint16]string{6000: "svc"}); err != nil {
+		t.Fatal(err)
+	}
+	addr := proxyAddr(t, s, "c1")
+	old := dialPort(t, addr, 6000)
+	readTag(t, old)
+
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close() }()
+	waitFor(t, "Close to note the live connections", func() bool {
+		s.conns.mu.Lock()
+		defer s.conns.mu.Unlock()
+		return s.conns.oldDone != nil
+	})
+	young := dialPort(t, addr, 6000)
+	readTag(t, young)
+	expectClosed(t, old, 30*time.Second)
+	roundTrip(t, young, "after the old connection was aborted")
+	endConn(t, young)
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return once the young connection ended")
+	}
+}
+
+// endConn half-closes c and reads it to its end.
+func endConn(t *testing.T, c *net.TCPConn) {
+	t.Helper()
+	c.CloseWrite()
+	if _, err := io.ReadAll(c); err != nil {
+		t.Fatalf("reading to the end: %v", err)
+	}
+}
+
+// TestCloseKeepsRules: with KeepRules, Close leaves a served namespace's
+// rules for the next start.
+func TestCloseKeepsRules(t *testing.T) {
+	testenv.CheckGoroutines(t)
+	be := testenv.StartBackend(t, tagEcho('e'))
+	res := newResolver(false)
+	res.set("svc", be.Addr)
+	red := &fakeRedirector{}
+	s := newServer(t, res, func(s *Server) {
+		s.Redirector = red
+		s.KeepRules = true
+	})
+	if err := s.Apply(context.Background(), "c1", "ns", map[uint16]string{6000: "svc"}); err != nil {
+		t.Fatal(err)
+	}
+	c := dialPort(t, proxyAddr(t, s, "c1"), 6000)
+	readTag(t, c)
+	endConn(t, c)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := red.log(); slices.ContainsFunc(got, func(l string) bool { return strings.HasPrefix(l, "clear") }) {
+		t.Errorf("redirector calls %q; want the rules kept", got)
 	}
 }
 
