@@ -77,9 +77,10 @@ func redirectRules(ports []uint16, toPort uint16) ([]string, error) {
 // them), so that a daemon about to stop can close its gate (netns.Gate)
 // before it closes the listener: a SYN then waits for the next daemon
 // instead of landing in an accept queue that closing resets. --nowildcard:
-// the relay binds 127.0.0.1 and ::1, not a wildcard. Spelled as `iptables -S` prints them
-// back, checked on iptables 1.8.9, nft and legacy, both families: the
-// implicit "-m tcp" explicit, the flags in the kernel's order.
+// the relay binds 127.0.0.1 and ::1, not a wildcard. Spelled as
+// `iptables -S` prints them back, checked on iptables 1.8.9, nft and
+// legacy, both families: the implicit "-m tcp" explicit, the flags in the
+// kernel's order.
 func guardRules(toPort uint16) []string {
 	syn := fmt.Sprintf("-i lo -p tcp -m tcp --dport %d --tcp-flags FIN,SYN,RST,ACK SYN", toPort)
 	return []string{

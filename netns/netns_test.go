@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/connectable/connectable/internal/testenv"
 	"github.com/connectable/connectable/netns"
 )
@@ -117,7 +119,26 @@ func TestDoPassesErrors(t *testing.T) {
 	}
 }
 
+// transparent reads the mark Listen sets and Gate clears.
+func transparent(t *testing.T, ln *net.TCPListener, level, opt int) int {
+	t.Helper()
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var serr error
+	if err := rc.Control(func(fd uintptr) { v, serr = unix.GetsockoptInt(int(fd), level, opt) }); err != nil || serr != nil {
+		t.Fatalf("reading the transparent mark: %v %v", err, serr)
+	}
+	return v
+}
+
+// TestListenOwnNamespace also checks the restart guard's mark: Listen
+// sets IP_TRANSPARENT (which needs CAP_NET_ADMIN, hence root), Gate
+// clears it and leaves the listener open.
 func TestListenOwnNamespace(t *testing.T) {
+	testenv.NeedRoot(t)
 	v4, v6, err := netns.Listen("", 0)
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
@@ -126,6 +147,23 @@ func TestListenOwnNamespace(t *testing.T) {
 	a4 := v4.Addr().(*net.TCPAddr)
 	if !a4.IP.Equal(net.IPv4(127, 0, 0, 1)) || a4.Port == 0 {
 		t.Errorf("v4 listens on %v", a4)
+	}
+	if got := transparent(t, v4, unix.SOL_IP, unix.IP_TRANSPARENT); got != 1 {
+		t.Errorf("IP_TRANSPARENT = %d after Listen; want 1", got)
+	}
+	if err := netns.Gate(v4); err != nil {
+		t.Fatalf("Gate: %v", err)
+	}
+	if got := transparent(t, v4, unix.SOL_IP, unix.IP_TRANSPARENT); got != 0 {
+		t.Errorf("IP_TRANSPARENT = %d after Gate; want 0", got)
+	}
+	if err := netns.Drained(v4, time.Second); err != nil {
+		t.Errorf("Drained with nothing queued: %v", err)
+	}
+	if c, err := net.Dial("tcp4", a4.String()); err != nil {
+		t.Errorf("a gated listener without the guard's rules: %v; want it still open", err)
+	} else {
+		c.Close()
 	}
 	if v6 == nil {
 		// Correct only if this namespace really has no usable ::1.
@@ -138,6 +176,15 @@ func TestListenOwnNamespace(t *testing.T) {
 	defer v6.Close()
 	if a6 := v6.Addr().(*net.TCPAddr); !a6.IP.Equal(net.IPv6loopback) || a6.Port != a4.Port {
 		t.Errorf("v6 listens on %v; want [::1]:%d", a6, a4.Port)
+	}
+	if got := transparent(t, v6, unix.SOL_IPV6, unix.IPV6_TRANSPARENT); got != 1 {
+		t.Errorf("IPV6_TRANSPARENT = %d after Listen; want 1", got)
+	}
+	if err := netns.Gate(v6); err != nil {
+		t.Fatalf("Gate: %v", err)
+	}
+	if got := transparent(t, v6, unix.SOL_IPV6, unix.IPV6_TRANSPARENT); got != 0 {
+		t.Errorf("IPV6_TRANSPARENT = %d after Gate; want 0", got)
 	}
 }
 
