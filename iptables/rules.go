@@ -76,7 +76,10 @@ func redirectRules(ports []uint16, toPort uint16) ([]string, error) {
 // listener is one marked IP_TRANSPARENT (--transparent; netns.Listen marks
 // them), so that a daemon about to stop can close its gate (netns.Gate)
 // before it closes the listener: a SYN then waits for the next daemon
-// instead of landing in an accept queue that closing resets. --nowildcard:
+// instead of landing in an accept queue that closing resets. A relay that
+// listens without the mark (a build older than the guard, started over its
+// rules) would have every SYN dropped: it knows neither the mark nor this
+// chain. --nowildcard:
 // the relay binds 127.0.0.1 and ::1, not a wildcard. Spelled as
 // `iptables -S` prints them back, checked on iptables 1.8.9, nft and
 // legacy, both families: the implicit "-m tcp" explicit, the flags in the
