@@ -68,9 +68,15 @@ func TestChaosKillUnderLoad(t *testing.T) {
 	started := time.Now()
 	var firstOK time.Duration
 	for time.Since(started) < 20*time.Second {
-		if _, err := getIn(nsA, "http://127.0.0.1:6000/"); err == nil {
-			firstOK = time.Since(started)
-			break
+		// A short dial first: until the new daemon listens, the restart
+		// guard drops the SYN, and a plain request would wait out its
+		// client's 1 s retransmit rather than show when serving resumed.
+		if c, err := dialIn(nsA, "127.0.0.1:6000", 100*time.Millisecond); err == nil {
+			c.Close()
+			if _, err := getIn(nsA, "http://127.0.0.1:6000/"); err == nil {
+				firstOK = time.Since(started)
+				break
+			}
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
