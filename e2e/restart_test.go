@@ -1,8 +1,9 @@
 package e2e
 
-// Restarts of a socket-path daemon: a stop and a start (an upgrade)
-// refuse no connect on the ports the socket path serves, one daemon owns a
-// pin directory, and `connectable cleanup` leaves nothing in the kernel.
+// Restarts: a stop and a start (an upgrade) refuse no connect, on the
+// ports the socket path serves and on the relay's; one daemon owns a pin
+// directory; `connectable cleanup` leaves nothing in the kernel nor in the
+// containers' rules.
 
 import (
 	"context"
