@@ -478,6 +478,40 @@ func TestRouteSwapDuringRelay(t *testing.T) {
 	}
 }
 
+// startDrain applies one namespace to s, opens a connection through it,
+// then starts Close and waits until Close has noted that connection as
+// live. It returns the proxy's address, the connection and Close's result.
+func startDrain(t *testing.T, s *Server) (netip.AddrPort, *net.TCPConn, <-chan error) {
+	t.Helper()
+	if err := s.Apply(context.Background(), "c1", "ns", map[uint16]string{6000: "svc"}); err != nil {
+		t.Fatal(err)
+	}
+	addr := proxyAddr(t, s, "c1")
+	old := dialPort(t, addr, 6000)
+	readTag(t, old)
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close() }()
+	waitFor(t, "Close to note the live connections", func() bool {
+		s.conns.mu.Lock()
+		defer s.conns.mu.Unlock()
+		return s.conns.oldDone != nil
+	})
+	return addr, old, closed
+}
+
+// waitClosed waits for Close's result and fails on an error.
+func waitClosed(t *testing.T, closed <-chan error) {
+	t.Helper()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return once the connections ended")
+	}
+}
+
 // TestCloseDrains: while the connections that were live when Close began
 // finish, the namespace keeps serving new ones; then its listener closes,
 // and Close waits for the connections it accepted meanwhile.
@@ -492,20 +526,7 @@ func TestCloseDrains(t *testing.T) {
 		s.Redirector = red
 		s.DrainTimeout = 5 * time.Minute // never reached: the clients end first
 	})
-	if err := s.Apply(context.Background(), "c1", "ns", map[uint16]string{6000: "svc"}); err != nil {
-		t.Fatal(err)
-	}
-	addr := proxyAddr(t, s, "c1")
-	old := dialPort(t, addr, 6000)
-	readTag(t, old)
-
-	closed := make(chan error, 1)
-	go func() { closed <- s.Close() }()
-	waitFor(t, "Close to note the live connections", func() bool {
-		s.conns.mu.Lock()
-		defer s.conns.mu.Unlock()
-		return s.conns.oldDone != nil
-	})
+	addr, old, closed := startDrain(t, s)
 	// Served while the old connection lives.
 	young := dialPort(t, addr, 6000)
 	if got := readTag(t, young); got != 'e' {
@@ -532,14 +553,7 @@ func TestCloseDrains(t *testing.T) {
 	case <-time.After(100 * time.Millisecond):
 	}
 	endConn(t, young)
-	select {
-	case err := <-closed:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("Close did not return once the connections ended")
-	}
+	waitClosed(t, closed)
 	if got := red.log(); !slices.Contains(got, "clear ns") {
 		t.Errorf("redirector calls %q; want the rules cleared", got)
 	}
@@ -558,33 +572,13 @@ func TestCloseDrainTimeoutSparesYoung(t *testing.T) {
 	res := newResolver(false)
 	res.set("svc", be.Addr)
 	s := newServer(t, res, func(s *Server) { s.DrainTimeout = 2 * time.Second })
-	if err := s.Apply(context.Background(), "c1", "ns", map[uint16]string{6000: "svc"}); err != nil {
-		t.Fatal(err)
-	}
-	addr := proxyAddr(t, s, "c1")
-	old := dialPort(t, addr, 6000)
-	readTag(t, old)
-
-	closed := make(chan error, 1)
-	go func() { closed <- s.Close() }()
-	waitFor(t, "Close to note the live connections", func() bool {
-		s.conns.mu.Lock()
-		defer s.conns.mu.Unlock()
-		return s.conns.oldDone != nil
-	})
+	addr, old, closed := startDrain(t, s)
 	young := dialPort(t, addr, 6000)
 	readTag(t, young)
 	expectClosed(t, old, 30*time.Second)
 	roundTrip(t, young, "after the old connection was aborted")
 	endConn(t, young)
-	select {
-	case err := <-closed:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("Close did not return once the young connection ended")
-	}
+	waitClosed(t, closed)
 }
 
 // endConn half-closes c and reads it to its end.
